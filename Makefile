@@ -1,0 +1,40 @@
+# cspine-triage: `make run` starts the service, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip
+
+.PHONY: run test lint typecheck demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# The stamps depend on pyproject.toml so a changed dependency list reinstalls.
+$(VENV)/.runtime-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev,train]'
+	touch $@ $(VENV)/.runtime-installed
+
+run: $(VENV)/.runtime-installed
+	$(BIN)/triage db upgrade
+	$(BIN)/triage serve
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check service tests models bench
+	$(BIN)/mypy
+
+demo: $(VENV)/.runtime-installed
+	$(BIN)/triage demo generate --studies 4 --seed 1 --out var/demo
+
+bench: $(VENV)/.dev-installed
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

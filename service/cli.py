@@ -1,0 +1,188 @@
+"""The ``triage`` command.
+
+Subcommands run one part each (``scp``, ``worker``, ``web``) for production, or everything
+at once (``serve``) on embedded defaults: SQLite, files under ``./var/``, and a redis-server
+started here when no broker is configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from service.config import Settings, child_environment, get_settings
+from service.logs import configure as configure_logging
+
+logger = logging.getLogger(__name__)
+
+# Parts that `triage serve` supervises, each run as `triage <name>` in its own process.
+# The SCP and the worker join this list as they land.
+SERVE_COMPONENTS: tuple[str, ...] = ("web",)
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(settings.masked(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import migrate
+
+    migrate.upgrade(settings.db_url, args.revision)
+    print(f"database at {args.revision}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import migrate
+    from service.db.session import make_engine
+
+    engine = make_engine(settings.db_url)
+    print(json.dumps({"current": migrate.current_revision(engine),
+                      "head": migrate.head_revision(settings.db_url)}))
+    engine.dispose()
+    return 0
+
+
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.web.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host or settings.web_host,
+                port=args.port or settings.web_port, log_level=settings.log_level.lower())
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from service.audit import verify_chain
+    from service.db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.db_url)
+    with make_session_factory(engine)() as session:
+        report = verify_chain(session)
+    engine.dispose()
+    print(json.dumps({"events": report.events, "intact": report.intact,
+                      "first_broken_id": report.first_broken_id}))
+    return 0 if report.intact else 1
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Supervise every component; Ctrl-C (SIGINT) or SIGTERM stops them all, broker last."""
+    from service.db import migrate
+    from service.embedded import EmbeddedRedis
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.db_url)
+    embedded: EmbeddedRedis | None = None
+    overrides: dict[str, str] = {"database_url": settings.db_url}
+    if not settings.broker_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis")
+        embedded.start()
+        overrides["broker_url"] = embedded.url
+    env = child_environment(settings, **overrides)
+    components = [c for c in SERVE_COMPONENTS if c not in (args.without or [])]
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name in components:
+            children[name] = subprocess.Popen([sys.executable, "-m", "service.cli", name],
+                                              env=env)
+            logger.info("started %s (pid %d)", name, children[name].pid)
+        print(f"cspine-triage serving: {', '.join(components)}; web on "
+              f"http://{settings.web_host}:{settings.web_port}; Ctrl-C stops", flush=True)
+        exit_code = 0
+        while not stopping:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    logger.error("%s exited with %s; stopping the service", name,
+                                 child.returncode)
+                    exit_code = 1
+                    stopping = True
+            time.sleep(0.2)
+        return exit_code
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for name, child in children.items():
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", name)
+                child.kill()
+                child.wait()
+        if embedded:
+            embedded.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("cspine-triage stopped", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run every component on embedded defaults")
+    serve.add_argument("--without", action="append", choices=list(SERVE_COMPONENTS),
+                       help="leave a component out (repeatable)")
+    serve.set_defaults(handler=cmd_serve)
+
+    web = sub.add_parser("web", help="run the web dashboard and API")
+    web.add_argument("--host")
+    web.add_argument("--port", type=int)
+    web.set_defaults(handler=cmd_web)
+
+    config = sub.add_parser("config", help="settings").add_subparsers(dest="action",
+                                                                     required=True)
+    config.add_parser("show", help="print the effective settings, secrets masked") \
+        .set_defaults(handler=cmd_config_show)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action",
+                                                                    required=True)
+    upgrade = db.add_parser("upgrade", help="apply Alembic migrations")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(handler=cmd_db_upgrade)
+    db.add_parser("current", help="show current and head revisions") \
+        .set_defaults(handler=cmd_db_current)
+
+    audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="action",
+                                                                      required=True)
+    audit.add_parser("verify", help="verify the hash chain").set_defaults(
+        handler=cmd_audit_verify)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Later components register their subcommands here: each entry takes the subparsers object.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    handler: Handler = args.handler
+    return handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The one place that reads the environment.
+
+Every knob of the service lives on :class:`Settings`. Values come, highest priority first,
+from keyword arguments (tests), ``TRIAGE_*`` environment variables, a ``.env`` file, and an
+optional YAML or TOML config file named by ``TRIAGE_CONFIG_FILE``. No other module may call
+``os.environ``; a process that needs to hand settings to a child process passes them as
+``TRIAGE_*`` variables through :func:`child_environment`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "TRIAGE_"
+CONFIG_FILE_VARIABLE = "TRIAGE_CONFIG_FILE"
+
+
+class SegFormat(StrEnum):
+    """How a destination wants the segmentation: BINARY is what most PACS accept."""
+
+    BINARY = "BINARY"
+    LABELMAP = "LABELMAP"
+
+
+class PacsDestination(BaseModel):
+    """A DICOM peer that receives our SR/SEG (C-STORE SCU)."""
+
+    name: str | None = None
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: bool = False
+    seg_format: SegFormat = SegFormat.BINARY
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``A,B`` as well as a JSON list for list-valued settings from the environment."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one process. Secrets are ``SecretStr`` and masked in output."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- storage -----------------------------------------------------------------------
+    data_dir: Path = Path("var")
+    """Root of everything the service writes: spool, results, embedded broker, SQLite file."""
+    spool_dir: Path | None = None
+    """Durable spool of received instances; defaults to ``<data_dir>/spool``."""
+    results_dir: Path | None = None
+    """Where SR/SEG objects are stored before export; defaults to ``<data_dir>/results``."""
+
+    # --- database and broker ---------------------------------------------------------------
+    database_url: str | None = None
+    """SQLAlchemy URL. Default: SQLite at ``<data_dir>/triage.db`` (WAL mode)."""
+    broker_url: str | None = None
+    """Redis URL for Celery. ``None``: ``triage serve`` starts an embedded redis-server."""
+    result_backend_url: str | None = None
+    broker_connect_timeout_s: float = 2.0
+
+    # --- DICOM edge ------------------------------------------------------------------------
+    ae_title: str = "CSPINE_TRIAGE"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    require_called_ae: bool = True
+    """Reject associations whose Called AE Title is not ours."""
+    allowed_calling_aes: CsvList = Field(default_factory=list)
+    """Calling AE titles allowed to associate; empty means any."""
+    allowed_networks: CsvList = Field(default_factory=list)
+    """IP addresses or CIDR networks allowed to associate; empty means any."""
+    max_pdu_size: int = Field(default=0, ge=0)
+    """Maximum PDU size we accept (bytes); 0 means unlimited."""
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+    acse_timeout_s: float = 30.0
+    scp_processes: int = Field(default=1, ge=1)
+    """Receiver processes sharing the DICOM port (SO_REUSEPORT)."""
+    tls_enabled: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    """When set, peers must present a certificate signed by this CA (mutual TLS)."""
+    ingest_batch_interval_s: float = 0.2
+    """How often buffered instance rows are flushed to the database by the SCP."""
+
+    # --- series completion and qualification --------------------------------------------
+    completion_idle_after_release_s: float = 5.0
+    """Complete a series this long after its association was released, if nothing came."""
+    completion_idle_s: float = 30.0
+    """Complete a series this long after its last instance, whatever the associations did."""
+    expected_instances_hint: int | None = None
+    """When set, a series with this many instances is complete at once."""
+    rules_file: Path | None = None
+    """YAML file with qualification rules; default: the packaged rules."""
+    max_slice_thickness_mm: float = 3.0
+    min_slices: int = 20
+
+    # --- model and inference ----------------------------------------------------------------
+    model_dir: Path = Path("models/cspine-v1")
+    execution_providers: CsvList = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    """ONNX Runtime providers in order of preference; unavailable ones are skipped."""
+    ort_intra_op_threads: int = Field(default=0, ge=0)
+    """CPU provider threads; 0 lets ONNX Runtime decide."""
+    ort_inter_op_threads: int = Field(default=1, ge=0)
+    cuda_device_id: int = 0
+    use_fp16: bool = False
+    """Use the fp16 model variant where the manifest offers one (GPU only)."""
+    fracture_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Override of the manifest's per-vertebra decision threshold."""
+    patient_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Override of the manifest's patient-level decision threshold."""
+
+    # --- worker ---------------------------------------------------------------------------
+    worker_concurrency: int = Field(default=1, ge=1)
+    task_soft_time_limit_s: int = 300
+    task_time_limit_s: int = 360
+    task_max_retries: int = 3
+    task_retry_backoff_s: int = 5
+
+    # --- results and export ----------------------------------------------------------------
+    uid_root: str = "1.2.826.0.1.3680043.10.1455."
+    """Root under which result UIDs are derived deterministically (must end with a dot)."""
+    pacs_destinations: list[PacsDestination] = Field(default_factory=list)
+    """JSON list of objects with ``ae_title``, ``host``, ``port`` (``TRIAGE_PACS_DESTINATIONS``)."""
+    stow_rs_url: str | None = None
+    secondary_capture: bool = False
+    """Also send a Secondary Capture key image, for viewers without SR/SEG support."""
+    export_max_retries: int = 5
+    export_retry_backoff_s: int = 10
+    export_timeout_s: float = 30.0
+
+    # --- worklist and notification ----------------------------------------------------------
+    hl7_host: str | None = None
+    hl7_port: int | None = None
+    webhook_url: str | None = None
+
+    # --- web ---------------------------------------------------------------------------------
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8000, ge=1, le=65535)
+    secret_key: SecretStr = SecretStr("change-me-in-production")
+    session_max_age_s: int = 8 * 3600
+
+    # --- audit and logging ------------------------------------------------------------------
+    audit_syslog_host: str | None = None
+    audit_syslog_port: int = 514
+    log_level: str = "INFO"
+
+    @field_validator("allowed_calling_aes", "allowed_networks", "execution_providers", mode="before")
+    @classmethod
+    def _lists_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root_form(cls, value: str) -> str:
+        if not value.endswith(".") or len(value) > 40:
+            raise ValueError("uid_root must end with '.' and leave room for a suffix (<= 40 chars)")
+        if not all(part.isdigit() for part in value.rstrip(".").split(".")):
+            raise ValueError("uid_root must be dotted decimal")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if self.spool_dir is None:
+            self.spool_dir = self.data_dir / "spool"
+        if self.results_dir is None:
+            self.results_dir = self.data_dir / "results"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'triage.db').as_posix()}"
+        if self.tls_enabled and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("tls_enabled needs tls_cert_file and tls_key_file")
+        return self
+
+    # Typed accessors for the derived paths, so callers need no ``assert ... is not None``.
+    @property
+    def spool_path(self) -> Path:
+        assert self.spool_dir is not None
+        return self.spool_dir
+
+    @property
+    def results_path(self) -> Path:
+        assert self.results_dir is not None
+        return self.results_dir
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        config_file = os.environ.get(CONFIG_FILE_VARIABLE)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_VARIABLE}={config_file}: no such file")
+            if path.suffix.lower() == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            else:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as JSON-able data with secrets and URL passwords masked."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            if field.annotation is SecretStr or "SecretStr" in str(field.annotation):
+                data[name] = "**********" if data.get(name) else None
+        for key in ("database_url", "broker_url", "result_backend_url", "stow_rs_url", "webhook_url"):
+            if data.get(key):
+                data[key] = _mask_url_password(data[key])
+        return data
+
+
+def _mask_url_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once. Tests build their own ``Settings(...)`` instead."""
+    return Settings()
+
+
+def child_environment(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for a child process that must see the same settings as this one.
+
+    Explicit ``TRIAGE_*`` values override inherited ones, so a supervisor (``triage serve``)
+    can hand the embedded broker URL to the processes it starts.
+    """
+    env = dict(os.environ)
+    for key, value in overrides.items():
+        env[f"{ENV_PREFIX}{key.upper()}"] = value
+    return env

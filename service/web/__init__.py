@@ -1,0 +1,1 @@
+"""FastAPI dashboard and API. Never imports ``service.inference`` or ``service.worker``."""

@@ -1,0 +1,123 @@
+"""Shared fixtures: real PostgreSQL and Redis where the machine runs them, SQLite always.
+
+A test that needs a server that is absent is *skipped with the server's name in the reason*;
+it never passes silently.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.config import Settings
+from service.db import migrate
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_CT_DIR = SHARED_DATA / "real-ct-head-neck" / "ct"
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    if not _port_open("127.0.0.1", 5432):
+        pytest.skip("PostgreSQL server not reachable on 127.0.0.1:5432")
+    return POSTGRES_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the real server, dropped afterwards."""
+    name = f"triage_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+            ), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'triage.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both dialects the service supports; PostgreSQL skips if the server is absent."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'triage.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def migrated_url(database_url: str) -> str:
+    migrate.upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    if not _port_open("127.0.0.1", 6379):
+        pytest.skip("Redis server not reachable on 127.0.0.1:6379")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    yield redis_server_url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Build isolated Settings under tmp_path; keyword arguments override."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"data_dir": tmp_path / "var"}
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def real_ct_dir() -> Path:
+    if not REAL_CT_DIR.is_dir():
+        pytest.skip(f"real CT reference data absent ({REAL_CT_DIR})")
+    return REAL_CT_DIR

@@ -1,0 +1,50 @@
+"""`triage serve` on embedded defaults: SQLite, ./var, its own redis-server; Ctrl-C stops all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+
+@pytest.mark.slow
+def test_serve_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
+    env.update({"TRIAGE_WEB_PORT": str(port), "TRIAGE_DICOM_PORT": str(free_port())})
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    body = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and body is None:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, "web never answered /healthz"
+        assert body["components"]["database"]["status"] == "up"
+        assert body["components"]["database"]["dialect"] == "sqlite"
+        assert body["components"]["broker"]["status"] == "up"
+        assert (tmp_path / "var" / "triage.db").is_file()
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("redis-server" in c.name() for c in children)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()
+    assert b"cspine-triage stopped" in out
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
