@@ -1,0 +1,1 @@
+"""Series -> Volume (load, sort, QC) and the one shared preprocessing implementation."""

@@ -1,0 +1,1 @@
+"""Model execution (ONNX Runtime). Only the worker imports this package."""

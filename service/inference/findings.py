@@ -1,0 +1,55 @@
+"""What the model says about one series: the contract between inference and results.
+
+Coordinates: every index is into the sorted ``Volume`` array, order (z, y, x), where z is
+the slice index after sorting along the slice normal (see ``service.imaging.volume``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+VERTEBRAE: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+"""Label value ``i + 1`` in a label map is ``VERTEBRAE[i]``; 0 is background."""
+
+
+@dataclass(frozen=True)
+class VertebraFinding:
+    vertebra: str
+    in_view: bool
+    probability: float | None
+    """Fracture probability in [0, 1]; None when the vertebra is not in view."""
+    suspected: bool
+    slice_range: tuple[int, int] | None = None
+    """Inclusive first and last z index where the vertebra was segmented."""
+    bbox: tuple[int, int, int, int, int, int] | None = None
+    """Voxel box (z0, y0, x0, z1, y1, x1), end-exclusive."""
+    key_slices: tuple[int, ...] = ()
+    """z indices with the highest per-slice fracture scores (for key images)."""
+    slice_scores: tuple[float, ...] = ()
+
+
+@dataclass
+class Findings:
+    series_instance_uid: str
+    model_name: str
+    model_version: str
+    vertebrae: list[VertebraFinding]
+    patient_probability: float
+    patient_suspected: bool
+    vertebra_threshold: float
+    patient_threshold: float
+    label_map: np.ndarray | None = None
+    """uint8 (z, y, x) at the volume's resolution: 0 background, 1..7 = C1..C7."""
+    execution_provider: str | None = None
+    stage_durations: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def suspected_vertebrae(self) -> list[str]:
+        return [v.vertebra for v in self.vertebrae if v.suspected]
+
+    @property
+    def in_view(self) -> list[str]:
+        return [v.vertebra for v in self.vertebrae if v.in_view]
