@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from alembic import context
-
 from service.db.session import make_engine
 from service.db.tables import Base
 

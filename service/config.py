@@ -185,7 +185,8 @@ class Settings(BaseSettings):
     audit_syslog_port: int = 514
     log_level: str = "INFO"
 
-    @field_validator("allowed_calling_aes", "allowed_networks", "execution_providers", mode="before")
+    @field_validator("allowed_calling_aes", "allowed_networks", "execution_providers",
+                     mode="before")
     @classmethod
     def _lists_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
@@ -262,7 +263,8 @@ class Settings(BaseSettings):
         for name, field in type(self).model_fields.items():
             if field.annotation is SecretStr or "SecretStr" in str(field.annotation):
                 data[name] = "**********" if data.get(name) else None
-        for key in ("database_url", "broker_url", "result_backend_url", "stow_rs_url", "webhook_url"):
+        for key in ("database_url", "broker_url", "result_backend_url", "stow_rs_url",
+                    "webhook_url"):
             if data.get(key):
                 data[key] = _mask_url_password(data[key])
         return data

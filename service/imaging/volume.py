@@ -35,7 +35,7 @@ class Volume:
     frame_of_reference_uid: str | None
     acquired_at: datetime | None
     warnings: list[str] = field(default_factory=list)
-    """Stable warning codes of recoveries made while loading (e.g. POSITIONS_FROM_SLICE_LOCATION)."""
+    """Stable codes of recoveries made while loading (e.g. POSITIONS_FROM_SLICE_LOCATION)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
