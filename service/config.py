@@ -156,6 +156,8 @@ class Settings(BaseSettings):
     task_time_limit_s: int = 360
     task_max_retries: int = 3
     task_retry_backoff_s: int = 5
+    broker_visibility_timeout_s: int = 3600
+    """Seconds before a task taken by a worker that died unacknowledged is delivered again."""
 
     # --- results and export ----------------------------------------------------------------
     uid_root: str = "1.2.826.0.1.3680043.10.1455."

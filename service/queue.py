@@ -63,7 +63,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # Redelivery of an unacked task after a lost worker: must exceed the hard time limit.
         broker_transport_options={
-            "visibility_timeout": max(settings.task_time_limit_s * 2, 600),
+            "visibility_timeout": settings.broker_visibility_timeout_s,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
             "socket_timeout": 10,
         },
