@@ -1,0 +1,174 @@
+"""The model manifest (``<model_dir>/manifest.json``): what the runtime needs to trust a model.
+
+It names each ONNX file with its sha256 and size (checked on load, see ``runtime``), the
+tensors each one takes, the preprocessing the model was trained with (the pipeline applies
+exactly these values, so training and serving cannot drift apart), and the decision thresholds
+chosen on the validation split. It is written by ``models.export`` and only read here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.inference.findings import VERTEBRAE
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable or inconsistent; the model cannot be used."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["float32", "float16", "int64", "uint8"] = "float32"
+    shape: list[int | str]
+    """Fixed sizes as integers, dynamic axes by name (e.g. ``"batch"``)."""
+
+
+class ModelFile(_Strict):
+    file: str
+    """File name relative to the model directory."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(gt=0)
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in ("", ".", ".."):
+            raise ValueError("model file must be a plain file name inside the model directory")
+        return value
+
+
+class OnnxModel(_Strict):
+    model: ModelFile
+    fp16: ModelFile | None = None
+    """Optional half-precision variant, used on GPU providers when settings ask for it."""
+    opset: int = Field(ge=17)
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Window(_Strict):
+    """A CT display window in HU, mapped linearly onto [0, 1] and clipped."""
+
+    width: float = Field(gt=0)
+    level: float
+
+
+class Preprocessing(_Strict):
+    windows: list[Window] = Field(min_length=1)
+    """Window channels, in channel order, for both stages."""
+    seg_spacing_mm: float = Field(gt=0)
+    """Isotropic grid spacing of the segmentation input."""
+    seg_divisor: int = Field(ge=1)
+    """Each spatial size of the segmentation input is padded to a multiple of this."""
+    seg_classes: list[str]
+    """Class names by output channel: background, C1..C7, then any extra classes."""
+    min_vertebra_volume_mm3: float = Field(ge=0)
+    """A vertebra with less segmented volume than this is 'not in view'."""
+    crop_slices: int = Field(ge=2)
+    """Axial slices sampled evenly through each vertebra for the classifier."""
+    crop_size: int = Field(ge=16)
+    """Height and width in pixels of each classifier slice."""
+    crop_margin: float = Field(ge=0)
+    """Fractional margin around the vertebra's in-plane extent."""
+    crop_min_extent_mm: float = Field(gt=0)
+    """Smallest in-plane side of a crop in mm (keeps tiny C1 arches in context)."""
+    crop_z_margin_slices: int = Field(default=0, ge=0)
+    """Extra source slices above and below the vertebra's segmented range."""
+    mask_channel: bool = True
+    """The classifier gets the vertebra's mask as a last channel."""
+
+    @field_validator("seg_classes")
+    @classmethod
+    def _classes_start_with_vertebrae(cls, value: list[str]) -> list[str]:
+        expected = ["background", *VERTEBRAE]
+        if value[: len(expected)] != expected:
+            raise ValueError(f"seg_classes must start with {expected}")
+        return value
+
+
+class Thresholds(_Strict):
+    vertebra: float = Field(ge=0, le=1)
+    """A vertebra is 'suspected' when its probability is at least this."""
+    patient: float = Field(ge=0, le=1)
+    """The study is flagged when the patient probability is at least this."""
+    selection: str = ""
+    """How the thresholds were chosen (e.g. the validation operating point)."""
+
+
+class ModelManifest(_Strict):
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    version: str
+    created: str
+    synthetic_only: bool
+    """True when the weights never saw real patient data: findings are not clinical."""
+    seg: OnnxModel
+    frac: OnnxModel
+    preprocessing: Preprocessing
+    thresholds: Thresholds
+    patient_aggregation: Literal["max", "noisy_or"] = "max"
+    training: dict[str, object] = Field(default_factory=dict)
+    validation: dict[str, object] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> ModelManifest:
+        channels = len(self.preprocessing.windows)
+        seg_in = self.seg.inputs[0].shape
+        if len(seg_in) != 5 or seg_in[1] != channels:
+            raise ValueError(f"seg input must be (batch, {channels}, z, y, x), got {seg_in}")
+        frac_in = self.frac.inputs[0].shape
+        frac_channels = channels + (1 if self.preprocessing.mask_channel else 0)
+        if len(frac_in) != 5 or frac_in[2] != frac_channels:
+            raise ValueError(
+                f"frac input must be (batch, slices, {frac_channels}, h, w), got {frac_in}")
+        size = self.preprocessing.crop_size
+        if frac_in[3] not in (size, "height") or frac_in[4] not in (size, "width"):
+            raise ValueError(f"frac input size {frac_in[3:]} disagrees with crop_size {size}")
+        return self
+
+    def files(self) -> list[ModelFile]:
+        """Every file the manifest vouches for."""
+        out = [self.seg.model, self.frac.model]
+        out += [m for m in (self.seg.fp16, self.frac.fp16) if m is not None]
+        return out
+
+
+def load_manifest(model_dir: Path) -> ModelManifest:
+    """Read and validate ``model_dir/manifest.json``; raise :class:`ManifestError` if unusable."""
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ManifestError(f"no model manifest at {path}") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read model manifest {path}: {exc}") from exc
+    try:
+        manifest = ModelManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(f"invalid model manifest {path}: {exc}") from exc
+    logger.info("model manifest %s %s (synthetic_only=%s)", manifest.name, manifest.version,
+                manifest.synthetic_only)
+    return manifest
+
+
+def dump_manifest(manifest: ModelManifest, model_dir: Path) -> Path:
+    """Write the manifest (used by ``models.export``); keys in a stable order for diffs."""
+    path = Path(model_dir) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n",
+                    encoding="utf-8")
+    return path
