@@ -1,0 +1,155 @@
+"""DICOM Segmentation of the cervical vertebrae (C1..C7), built with highdicom.
+
+Default: BINARY with JPEG 2000 lossless frames, the form most PACS store and display.
+LABELMAP (Label Map Segmentation Storage, a 2023 SOP class few PACS accept yet) is chosen per
+destination (``PacsDestination.seg_format``).
+
+Segment numbers are consecutive from 1 over the vertebrae that the label map actually
+contains, in C1..C7 order (a vertebra outside the field of view gets no segment); the
+mapping is returned with the dataset so the SR can reference the right segment.
+Frames follow the source images one-for-one; empty frames are omitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.uid import UID, JPEG2000Lossless
+
+from service.config import SegFormat
+from service.imaging.volume import Volume
+from service.inference.findings import VERTEBRAE, Findings
+from service.results import codes, uids
+from service.results.common import AlgorithmInfo, ResultBuildError, source_images
+from service.results.uids import ObjectKind
+
+logger = logging.getLogger(__name__)
+
+SEG_SERIES_NUMBER = 9901
+SEG_SERIES_DESCRIPTION = "AI cervical vertebrae (research, not for diagnosis)"
+SEG_CONTENT_LABEL = "CSPINE_VERTEBRAE"
+SEG_CONTENT_DESCRIPTION = "Cervical vertebrae C1-C7, automatic (research software)"
+
+# Segment display colours (CIELab is derived by highdicom); one per vertebra, colour-blind safe.
+_VERTEBRA_RGB: dict[str, tuple[int, int, int]] = {
+    "C1": (230, 159, 0),
+    "C2": (86, 180, 233),
+    "C3": (0, 158, 115),
+    "C4": (240, 228, 66),
+    "C5": (0, 114, 178),
+    "C6": (213, 94, 0),
+    "C7": (204, 121, 167),
+}
+
+
+def seg_kind(seg_format: SegFormat) -> ObjectKind:
+    return ObjectKind.SEG_LABELMAP if seg_format is SegFormat.LABELMAP else ObjectKind.SEG
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """A built SEG and what the SR needs to reference it."""
+
+    dataset: hd.seg.Segmentation
+    kind: ObjectKind
+    segment_numbers: dict[str, int]
+    """Vertebra name -> segment number in ``dataset`` (only vertebrae with voxels)."""
+
+    @property
+    def sop_instance_uid(self) -> UID:
+        return UID(self.dataset.SOPInstanceUID)
+
+    @property
+    def sop_class_uid(self) -> UID:
+        return UID(self.dataset.SOPClassUID)
+
+
+def build_segmentation(
+    volume: Volume,
+    findings: Findings,
+    *,
+    uid_root: str,
+    algorithm: AlgorithmInfo,
+    seg_format: SegFormat = SegFormat.BINARY,
+    transfer_syntax_uid: str = JPEG2000Lossless,
+) -> SegmentationResult | None:
+    """Build the SEG from ``findings.label_map`` (uint8 (z, y, x), 0 background, i = C<i>).
+
+    Returns ``None`` when the label map is absent or holds no vertebra: there is nothing to
+    segment, and the SR then reports without a segment reference.
+    Raises :class:`ResultBuildError` when the label map does not match the volume.
+    """
+    label_map = findings.label_map
+    if label_map is None:
+        logger.info("series %s: no label map, no SEG", findings.series_instance_uid)
+        return None
+    if label_map.shape != volume.shape:
+        raise ResultBuildError(f"label map {label_map.shape} does not match volume {volume.shape}")
+    if label_map.dtype != np.uint8:
+        label_map = label_map.astype(np.uint8)
+
+    present = sorted(int(v) for v in np.unique(label_map) if 1 <= v <= len(VERTEBRAE))
+    if not present:
+        logger.info("series %s: label map holds no vertebra, no SEG", findings.series_instance_uid)
+        return None
+
+    # Remap label values to consecutive segment numbers; anything outside 1..7 is background.
+    lut = np.zeros(256, dtype=np.uint8)
+    segment_numbers: dict[str, int] = {}
+    for number, label in enumerate(present, start=1):
+        lut[label] = number
+        segment_numbers[VERTEBRAE[label - 1]] = number
+    segments = lut[label_map]
+
+    sources = source_images(volume)
+    if sources.z_order is not None:
+        segments = segments[sources.z_order]
+
+    algorithm_id = algorithm.segmentation_algorithm()
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=f"{vertebra} vertebra",
+            segmented_property_category=codes.ANATOMICAL_STRUCTURE,
+            segmented_property_type=codes.vertebra_code(vertebra),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_id,
+            tracking_uid=uids.tracking_uid(uid_root, findings.series_instance_uid,
+                                           findings.model_version, vertebra),
+            tracking_id=f"{vertebra} vertebra",
+            display_color=hd.color.CIELabColor.from_rgb(*_VERTEBRA_RGB[vertebra]),
+        )
+        for vertebra, number in segment_numbers.items()
+    ]
+
+    kind = seg_kind(seg_format)
+    series_uid = findings.series_instance_uid
+    dataset = hd.seg.Segmentation(
+        source_images=sources.datasets,
+        pixel_array=segments,
+        segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP
+                           if seg_format is SegFormat.LABELMAP
+                           else hd.seg.SegmentationTypeValues.BINARY),
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.series_instance_uid(uid_root, series_uid,
+                                                     findings.model_version, kind),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=uids.sop_instance_uid(uid_root, series_uid, findings.model_version, kind),
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.name,
+        software_versions=algorithm.software_versions,
+        device_serial_number=algorithm.version,
+        content_label=SEG_CONTENT_LABEL,
+        content_description=SEG_CONTENT_DESCRIPTION,
+        series_description=SEG_SERIES_DESCRIPTION,
+        transfer_syntax_uid=transfer_syntax_uid,
+        omit_empty_frames=True,
+    )
+    logger.info("series %s: SEG %s built, %d segments, %d frames, %s",
+                series_uid, kind, len(segment_numbers), int(dataset.NumberOfFrames),
+                UID(transfer_syntax_uid).name)
+    return SegmentationResult(dataset=dataset, kind=kind, segment_numbers=segment_numbers)
