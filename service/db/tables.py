@@ -142,6 +142,8 @@ class Series(Base):
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
     last_association_id: Mapped[str | None] = mapped_column(String(64))
     association_released_at: Mapped[datetime | None]
+    completion_reason: Mapped[str | None] = mapped_column(String(32))
+    """Why the series was judged complete: expected_count, mpps, association_idle, idle."""
     acquired_at: Mapped[datetime | None]
     first_received_at: Mapped[datetime | None]
     last_received_at: Mapped[datetime | None]
@@ -260,6 +262,45 @@ class Export(Base):
     sent_at: Mapped[datetime | None]
 
     analysis: Mapped[Analysis] = relationship(back_populates="exports")
+
+
+class MppsStatus(StrEnum):
+    """Performed Procedure Step Status (0040,0252) of a Modality Performed Procedure Step."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step received over N-CREATE / N-SET."""
+
+    __tablename__ = "mpps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[MppsStatus] = mapped_column(_enum(MppsStatus), default=MppsStatus.IN_PROGRESS)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    references: Mapped[list[PerformedProcedureStepReference]] = relationship(
+        back_populates="step", cascade="all, delete-orphan")
+
+
+class PerformedProcedureStepReference(Base):
+    """One image an MPPS lists in its Performed Series Sequence."""
+
+    __tablename__ = "mpps_reference"
+    __table_args__ = (UniqueConstraint("mpps_id", "sop_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mpps_id: Mapped[int] = mapped_column(ForeignKey("mpps.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+
+    step: Mapped[PerformedProcedureStep] = relationship(back_populates="references")
 
 
 class AuditEvent(Base):
