@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     """When set, peers must present a certificate signed by this CA (mutual TLS)."""
     ingest_batch_interval_s: float = 0.2
     """How often buffered instance rows are flushed to the database by the SCP."""
+    spool_min_free_mb: int = Field(default=256, ge=0)
+    """Answer C-STORE with 0xA700 (out of resources) when the spool filesystem has less free
+    space than this, instead of filling the disk the database and the OS also need."""
 
     # --- series completion and qualification --------------------------------------------
     completion_idle_after_release_s: float = 5.0
@@ -128,6 +131,12 @@ class Settings(BaseSettings):
     """Complete a series this long after its last instance, whatever the associations did."""
     expected_instances_hint: int | None = None
     """When set, a series with this many instances is complete at once."""
+    completion_use_images_in_acquisition: bool = True
+    """Take Images in Acquisition (0020,1002) as the expected instance count of a series."""
+    tracker_interval_s: float = Field(default=0.5, gt=0)
+    """How often the completeness tracker looks for series due and analyses to enqueue."""
+    enqueue_retry_interval_s: float = Field(default=5.0, gt=0)
+    """After a failed enqueue (broker down), wait this long before trying the broker again."""
     rules_file: Path | None = None
     """YAML file with qualification rules; default: the packaged rules."""
     max_slice_thickness_mm: float = 3.0
