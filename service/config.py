@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     """YAML file with qualification rules; default: the packaged rules."""
     max_slice_thickness_mm: float = 3.0
     min_slices: int = 20
+    max_gantry_tilt_deg: float = Field(default=30.0, ge=0.0, le=60.0)
+    """Gantry tilts up to this are resampled to an axial grid; larger ones are refused."""
+    dicom_timezone: str = "UTC"
+    """IANA timezone of naive DICOM dates/times (Timezone Offset From UTC in a header wins)."""
 
     # --- model and inference ----------------------------------------------------------------
     model_dir: Path = Path("models/cspine-v1")
@@ -181,6 +185,12 @@ class Settings(BaseSettings):
     export_timeout_s: float = 30.0
 
     # --- worklist and notification ----------------------------------------------------------
+    priority_when_suspected: str = "STAT"
+    """Worklist priority of a study with any vertebra suspected (a ``Priority`` name)."""
+    priority_when_negative: str = "ROUTINE"
+    """Worklist priority of an analysed study with no suspected vertebra."""
+    priority_urgent_probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    """When set, a study not suspected but with patient probability >= this goes URGENT."""
     hl7_host: str | None = None
     hl7_port: int | None = None
     webhook_url: str | None = None

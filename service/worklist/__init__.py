@@ -1,0 +1,1 @@
+"""Reading-worklist priority (policy) and notification of the result."""
