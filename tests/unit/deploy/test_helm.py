@@ -442,3 +442,32 @@ def test_values_yaml_defaults_render_once_hosts_and_key_are_given() -> None:
     docs = objects(values)
     assert "demo-cspine-triage-worker-gpu" in by_kind(docs, "Deployment")
     assert yaml.safe_dump(docs)  # plain data all the way down
+
+
+@pytest.mark.parametrize("change", [
+    {"extrnalDatabase": {"host": "db"}},
+    {"scp": {"service": {"type": "Ingress"}}},
+    {"workers": {"gpu": {"gpu": 2}}},
+    {"externalDatabase": {"sslmode": "on"}},
+])
+def test_values_schema_rejects_typos(change: dict[str, Any]) -> None:
+    values = ci_values("gpu")
+    for key, sub in change.items():
+        values[key] = _deep_merge(values.get(key) or {}, sub)
+    with pytest.raises(helm.HelmError, match="schema"):
+        render(values)
+
+
+def test_values_schema_covers_values_yaml() -> None:
+    """Every key of values.yaml is declared, so the schema's additionalProperties bite."""
+    schema = load_yaml_strict((CHART_DIR / "values.schema.json").read_text())
+
+    def walk(values: dict[str, Any], node: dict[str, Any], path: str) -> None:
+        if node.get("additionalProperties") is not False:
+            return
+        for key, value in values.items():
+            assert key in node["properties"], f"{path}{key} not in values.schema.json"
+            if isinstance(value, dict):
+                walk(value, node["properties"][key], f"{path}{key}.")
+
+    walk(chart_values(), schema, "")
