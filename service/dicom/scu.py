@@ -173,7 +173,7 @@ def send_datasets(destination: PacsDestination, datasets: Sequence[Dataset], *,
     received: dict[str, Any] = {}
 
     def _on_acse_recv(event: evt.Event) -> None:
-        received["primitive"] = event.primitive
+        received["primitive"] = getattr(event, "primitive", None)
 
     tls_args = (_ssl_context(settings), destination.host) if destination.tls else None
     try:
@@ -318,12 +318,16 @@ class ExportTarget:
 
 def export_targets(settings: Settings) -> list[ExportTarget]:
     """Every configured C-STORE destination, then the STOW-RS service when set."""
+    def c_store_sender(destination: PacsDestination) -> Sender:
+        def send(paths: Sequence[Path]) -> list[StoreOutcome]:
+            return send_files(destination, paths, settings=settings)
+
+        return send
+
     targets = [
-        ExportTarget(
-            label=destination.label[:128],
-            kinds=kinds_for_destination(destination, settings),
-            send=lambda paths, d=destination: send_files(d, paths, settings=settings),
-        )
+        ExportTarget(label=destination.label[:128],
+                     kinds=kinds_for_destination(destination, settings),
+                     send=c_store_sender(destination))
         for destination in settings.pacs_destinations
     ]
     if settings.stow_rs_url:

@@ -119,6 +119,15 @@ def source_images(volume: Volume) -> SourceImages:
     if len(volume.sop_instance_uids) != n_slices:
         raise ResultBuildError(
             f"volume has {n_slices} slices but {len(volume.sop_instance_uids)} source UIDs")
+    if getattr(volume, "resampled", False):
+        # Slices map to their *nearest* source slice, so UIDs repeat: the SEG then takes its
+        # geometry from the volume, and the sources are just the distinct headers.
+        distinct = list(dict.fromkeys(volume.sop_instance_uids))
+        missing = [uid for uid in distinct if uid not in by_uid]
+        if missing:
+            raise ResultBuildError(f"no header for source instance {missing[0]}")
+        return SourceImages(datasets=[complete_type2(by_uid[uid]) for uid in distinct],
+                            z_order=None)
     multi = any(f is not None for f in volume.frame_numbers)
     if not multi:
         try:

@@ -7,7 +7,9 @@ destination (``PacsDestination.seg_format``).
 Segment numbers are consecutive from 1 over the vertebrae that the label map actually
 contains, in C1..C7 order (a vertebra outside the field of view gets no segment); the
 mapping is returned with the dataset so the SR can reference the right segment.
-Frames follow the source images one-for-one; empty frames are omitted.
+Frames follow the source images one-for-one (pixel-stripped headers suffice); when the
+volume was resampled (``Volume.resampled``) the frames carry the volume's own geometry
+instead. Empty frames are omitted.
 """
 
 from __future__ import annotations
@@ -105,8 +107,21 @@ def build_segmentation(
     segments = lut[label_map]
 
     sources = source_images(volume)
-    if sources.z_order is not None:
-        segments = segments[sources.z_order]
+    pixel_array: np.ndarray | hd.Volume
+    if volume.resampled:
+        # The label map is on a corrected grid (gantry tilt, uneven spacing), not the source
+        # slices: give highdicom the geometry (our affine maps (z, y, x) to LPS, its Volume
+        # convention too) so every frame carries its own plane position; frames that happen
+        # to coincide with a source slice still get a derivation reference.
+        if volume.frame_of_reference_uid is None:
+            raise ResultBuildError("resampled volume without a Frame of Reference UID")
+        pixel_array = hd.Volume(array=segments, affine=volume.affine,
+                                coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                                frame_of_reference_uid=volume.frame_of_reference_uid)
+    elif sources.z_order is not None:
+        pixel_array = segments[sources.z_order]
+    else:
+        pixel_array = segments
 
     algorithm_id = algorithm.segmentation_algorithm()
     descriptions = [
@@ -129,7 +144,7 @@ def build_segmentation(
     series_uid = findings.series_instance_uid
     dataset = hd.seg.Segmentation(
         source_images=sources.datasets,
-        pixel_array=segments,
+        pixel_array=pixel_array,
         segmentation_type=(hd.seg.SegmentationTypeValues.LABELMAP
                            if seg_format is SegFormat.LABELMAP
                            else hd.seg.SegmentationTypeValues.BINARY),

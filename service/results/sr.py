@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from pydicom import Dataset
@@ -122,7 +123,7 @@ def _vertebra_group(
         [_probability_measurement(finding.probability, key_refs, algorithm)]
         if finding.probability is not None else None
     )
-    common = {
+    common: dict[str, Any] = {
         "tracking_identifier": tracking,
         "finding_type": codes.FRACTURE,
         "algorithm_id": algorithm.sr_algorithm(),
@@ -211,7 +212,8 @@ def build_report(
     )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DEVICE_OBSERVER, observer_identifying_attributes=device),
+            observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE_OBSERVER),
+            observer_identifying_attributes=device),
     )
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
                  | hd.sr.MeasurementsAndQualitativeEvaluations] = [

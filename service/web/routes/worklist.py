@@ -55,8 +55,8 @@ def worklist_page(session: Session, *, priorities: list[Priority] | None = None,
             .where(Series.study_id.in_(study_ids),
                    Analysis.state != AnalysisState.SUPERSEDED)
             .order_by(Analysis.created_at, Analysis.id)).all()
-        for study_id, analysis in analyses:
-            latest[study_id] = analysis  # ordered: the last one wins
+        for study_id, candidate in analyses:
+            latest[study_id] = candidate  # ordered: the last one wins
     suspected: dict[int, list[str]] = {}
     if latest:
         for analysis_id, vertebra in session.execute(

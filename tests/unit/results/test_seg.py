@@ -178,3 +178,29 @@ def test_written_file_is_readable_by_pydicom(case: SyntheticCase, tmp_path: Path
     result.dataset.save_as(path)
     ds = dcmread(path)
     assert ds.Modality == "SEG" and int(ds.NumberOfFrames) > 0
+
+
+def test_resampled_volume_gets_its_own_plane_positions(tmp_path: Path) -> None:
+    """A volume on a corrected grid (here: half the slice spacing): frames are placed by the
+    volume's affine, not by the source slices."""
+    case = make_case(12, 32, 32)
+    volume = case.volume
+    fine = np.repeat(volume.hu, 2, axis=0)[:-1]
+    labels = np.repeat(case.findings.label_map, 2, axis=0)[:-1]
+    volume.hu = fine
+    volume.affine = volume.affine.copy()
+    volume.affine[:3, 0] /= 2
+    volume.sop_instance_uids = [volume.sop_instance_uids[z // 2] for z in range(fine.shape[0])]
+    volume.frame_numbers = [None] * fine.shape[0]
+    volume.resampled = True
+    case.findings.label_map = labels
+    result = build_segmentation(volume, case.findings, uid_root=ROOT, algorithm=ALGORITHM)
+    assert result is not None
+    positions = sorted(float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+                       for f in result.dataset.PerFrameFunctionalGroupsSequence)
+    occupied = np.nonzero(labels.any(axis=(1, 2)))[0]
+    expected = sorted(float(volume.affine[2, 3] + z * volume.affine[2, 0]) for z in occupied)
+    assert positions == pytest.approx(expected)
+    path = tmp_path / "seg.dcm"
+    result.dataset.save_as(path)
+    assert dciodvfy(path).errors == []
