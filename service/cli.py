@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from service.config import Settings, child_environment, get_settings
+from service.dicom import cli as dicom_cli
 from service.logs import configure as configure_logging
 
 logger = logging.getLogger(__name__)
 
 # Parts that `triage serve` supervises, each run as `triage <name>` in its own process.
 # The SCP and the worker join this list as they land.
-SERVE_COMPONENTS: tuple[str, ...] = ("web",)
+SERVE_COMPONENTS: tuple[str, ...] = ("web", "scp")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -172,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Later components register their subcommands here: each entry takes the subparsers object.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    dicom_cli.register,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,227 @@
+"""Analysis rows and their hand-over to the broker.
+
+An :class:`~service.db.tables.Analysis` is created PENDING in the same transaction that
+qualifies its series; it is put on the broker only after that transaction commits (the worker
+must find the row). Enqueueing is claim-then-send: one atomic ``UPDATE .. WHERE
+state='PENDING'`` moves it to QUEUED and commits, so of several SCP / tracker processes only
+one sends it; then the task goes to the broker by name through :mod:`service.queue`. If the
+broker is down, the claim is undone (PENDING again) and :meth:`AnalysisDispatcher.sweep`
+retries every ``enqueue_retry_interval_s``. A process that dies between claim and send leaves
+a QUEUED row without ``task_id``; the sweep returns those to PENDING after
+``STALE_CLAIM_S``. The worker may therefore, rarely, receive a task twice, and must claim the
+analysis atomically itself (``PENDING``/``QUEUED`` -> ``RUNNING``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import record
+from service.config import Settings
+from service.db.tables import Analysis, AnalysisState, Series, SeriesState
+from service.db.types import utcnow
+
+logger = logging.getLogger(__name__)
+
+STALE_CLAIM_S = 120.0
+EVENT_ENQUEUED = "analysis.enqueued"
+
+
+def model_version(settings: Settings) -> str:
+    """``version`` from ``<model_dir>/manifest.json``; ``unknown`` when absent or unreadable."""
+    manifest = settings.model_dir / "manifest.json"
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    version = data.get("version") if isinstance(data, dict) else None
+    return str(version)[:64] if version else "unknown"
+
+
+def input_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 of the sorted ``(sop_instance_uid, sha256)`` pairs of a series.
+
+    The same instances give the same fingerprint whatever their arrival order, so a re-run
+    on unchanged input is recognised; any added or changed instance gives a new one.
+    """
+    digest = hashlib.sha256()
+    for sop_uid, sha in sorted(pairs):
+        digest.update(f"{sop_uid}\t{sha}\n".encode())
+    return digest.hexdigest()
+
+
+_ANALYSIS_TO_SERIES = {
+    AnalysisState.QUEUED: SeriesState.QUEUED,
+    AnalysisState.RUNNING: SeriesState.RUNNING,
+    AnalysisState.DONE: SeriesState.DONE,
+    AnalysisState.FAILED: SeriesState.FAILED,
+    AnalysisState.NOT_ANALYZABLE: SeriesState.NOT_ANALYZABLE,
+}
+
+
+def create_analysis(session: Session, series_id: int, version: str,
+                    fingerprint: str) -> tuple[Analysis, bool]:
+    """The analysis for this input, created PENDING if new (in the caller's transaction).
+
+    Returns ``(analysis, created)``. A new analysis supersedes every earlier analysis of the
+    same series that is not superseded yet.
+    """
+    existing = session.execute(
+        select(Analysis).where(Analysis.series_id == series_id,
+                               Analysis.model_version == version,
+                               Analysis.input_fingerprint == fingerprint)).scalar_one_or_none()
+    if existing is not None:
+        if existing.state == AnalysisState.SUPERSEDED:
+            existing.state = AnalysisState.PENDING
+            existing.superseded_by_id = None
+            existing.queued_at = None
+            existing.task_id = None
+        supersede_series_analyses(session, series_id, existing.id)
+        return existing, False
+    analysis = Analysis(series_id=series_id, model_version=version,
+                        input_fingerprint=fingerprint, state=AnalysisState.PENDING,
+                        attempts=0, created_at=utcnow())
+    session.add(analysis)
+    session.flush()
+    supersede_series_analyses(session, series_id, analysis.id)
+    return analysis, True
+
+
+def supersede_series_analyses(session: Session, series_id: int, by_analysis_id: int) -> int:
+    result = session.execute(
+        update(Analysis)
+        .where(Analysis.series_id == series_id, Analysis.id != by_analysis_id,
+               Analysis.state != AnalysisState.SUPERSEDED)
+        .values(state=AnalysisState.SUPERSEDED, superseded_by_id=by_analysis_id))
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        logger.info("analysis %d supersedes %d earlier analyses of series %d", by_analysis_id,
+                    count, series_id)
+    return count
+
+
+def series_state_for(analysis: Analysis) -> SeriesState:
+    return _ANALYSIS_TO_SERIES.get(analysis.state, SeriesState.COMPLETE)
+
+
+class AnalysisDispatcher:
+    """Puts PENDING analyses on the broker; see the module docstring for the protocol."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings, *,
+                 app_factory: Callable[[], Any] | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._factory = session_factory
+        self._settings = settings
+        self._app_factory = app_factory or self._default_app
+        self._app: Any = None
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._broker_down_until = 0.0
+        self.last_error: str | None = None
+
+    def _default_app(self) -> Any:
+        from service.queue import make_celery
+
+        return make_celery(self._settings)
+
+    @property
+    def broker_backoff(self) -> bool:
+        return time.monotonic() < self._broker_down_until
+
+    def dispatch(self, analysis_id: int) -> bool:
+        """Try to put one analysis on the broker now; ``True`` if this call sent it."""
+        if self.broker_backoff:
+            return False
+        now = self._clock()
+        with self._factory() as session, session.begin():
+            claimed = session.execute(
+                update(Analysis)
+                .where(Analysis.id == analysis_id, Analysis.state == AnalysisState.PENDING)
+                .values(state=AnalysisState.QUEUED, queued_at=now, task_id=None)).rowcount
+            if not claimed:
+                return False
+            series_id = session.execute(select(Analysis.series_id)
+                                        .where(Analysis.id == analysis_id)).scalar_one()
+            session.execute(update(Series)
+                            .where(Series.id == series_id, Series.state == SeriesState.COMPLETE)
+                            .values(state=SeriesState.QUEUED, updated_at=now))
+        try:
+            task_id = self._send(analysis_id)
+        except Exception as exc:  # noqa: BLE001 - any broker failure keeps the row PENDING
+            self._unclaim(analysis_id, series_id)
+            self._broker_down_until = time.monotonic() + self._settings.enqueue_retry_interval_s
+            self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            logger.warning("broker unavailable, analysis %d stays PENDING (%s); retry in %.0f s",
+                           analysis_id, self.last_error, self._settings.enqueue_retry_interval_s)
+            with self._lock:
+                self._app = None
+            return False
+        self.last_error = None
+        with self._factory() as session, session.begin():
+            session.execute(update(Analysis).where(Analysis.id == analysis_id)
+                            .values(task_id=task_id[:64]))
+            record(session, EVENT_ENQUEUED, details={"analysis_id": analysis_id,
+                                                     "series_id": series_id,
+                                                     "task_id": task_id})
+        logger.info("analysis %d enqueued as task %s", analysis_id, task_id)
+        return True
+
+    def _send(self, analysis_id: int) -> str:
+        from service.queue import enqueue_analysis
+
+        with self._lock:
+            if self._app is None:
+                self._app = self._app_factory()
+            app = self._app
+        return enqueue_analysis(app, analysis_id)
+
+    def _unclaim(self, analysis_id: int, series_id: int) -> None:
+        with self._factory() as session, session.begin():
+            undone = session.execute(
+                update(Analysis)
+                .where(Analysis.id == analysis_id, Analysis.state == AnalysisState.QUEUED,
+                       Analysis.task_id.is_(None))
+                .values(state=AnalysisState.PENDING, queued_at=None)).rowcount
+            if undone:
+                session.execute(update(Series)
+                                .where(Series.id == series_id,
+                                       Series.state == SeriesState.QUEUED)
+                                .values(state=SeriesState.COMPLETE, updated_at=self._clock()))
+
+    def sweep(self, limit: int = 100) -> int:
+        """Return stale claims to PENDING, then try to enqueue PENDING analyses, oldest first."""
+        self._release_stale_claims()
+        if self.broker_backoff:
+            return 0
+        with self._factory() as session:
+            pending = list(session.execute(
+                select(Analysis.id).where(Analysis.state == AnalysisState.PENDING)
+                .order_by(Analysis.created_at, Analysis.id).limit(limit)).scalars())
+        sent = 0
+        for analysis_id in pending:
+            if self.dispatch(analysis_id):
+                sent += 1
+            elif self.broker_backoff:
+                break
+        return sent
+
+    def _release_stale_claims(self) -> None:
+        cutoff = self._clock() - timedelta(seconds=STALE_CLAIM_S)
+        with self._factory() as session:
+            stale = list(session.execute(
+                select(Analysis.id, Analysis.series_id)
+                .where(Analysis.state == AnalysisState.QUEUED, Analysis.task_id.is_(None),
+                       Analysis.queued_at < cutoff)).all())
+        for analysis_id, series_id in stale:
+            logger.warning("analysis %d claimed but never sent: back to PENDING", analysis_id)
+            self._unclaim(analysis_id, series_id)

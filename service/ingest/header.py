@@ -1,0 +1,217 @@
+"""Header reading for bookkeeping and rules: pydicom, off the C-STORE hot path.
+
+Values are cut to the widths of their database columns and decoded leniently: a malformed
+optional attribute becomes ``None`` rather than an error, because the instance is already
+acknowledged and on disk; only the qualification rules decide whether it is usable.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import DA, DT, TM
+
+logger = logging.getLogger(__name__)
+
+
+class UnreadableHeader(ValueError):
+    """A spool file whose header pydicom cannot read."""
+
+
+def read_header_bytes(data: bytes) -> Dataset:
+    """Parse a Part 10 byte string up to (not including) the pixel data."""
+    try:
+        return dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise UnreadableHeader(str(exc)) from exc
+
+
+def read_header(path: Path) -> Dataset:
+    """Parse a spool file's header (pixel data not read)."""
+    try:
+        return dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise UnreadableHeader(f"{path.name}: {exc}") from exc
+
+
+def text(ds: Dataset, keyword: str, width: int | None = None) -> str | None:
+    """A string attribute, stripped, ``None`` when absent or empty; multi-values joined by \\."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - malformed optional attribute
+        return None
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        result = "\\".join(str(v) for v in value)
+    else:
+        result = str(value)
+    result = result.strip().replace("\x00", "")
+    if not result:
+        return None
+    return result[:width] if width else result
+
+
+def integer(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return int(value)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def number(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        return float(value)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _tz_from_offset(ds: Dataset) -> timezone | None:
+    raw = text(ds, "TimezoneOffsetFromUTC")
+    if not raw or len(raw) != 5 or raw[0] not in "+-" or not raw[1:].isdigit():
+        return None
+    minutes = int(raw[1:3]) * 60 + int(raw[3:5])
+    return timezone(timedelta(minutes=minutes if raw[0] == "+" else -minutes))
+
+
+def _combine(day: str | None, clock: str | None, tz: timezone | None) -> datetime | None:
+    if not day:
+        return None
+    try:
+        parsed_day: date = DA(day)
+        parsed_time: time = TM(clock) if clock else time(0, 0)
+    except (ValueError, TypeError):
+        return None
+    if parsed_day is None:
+        return None
+    moment = datetime.combine(parsed_day, parsed_time or time(0, 0))
+    return _aware(moment, tz)
+
+
+def _aware(moment: datetime, tz: timezone | None) -> datetime:
+    if moment.tzinfo is None:
+        # DICOM dates carry no zone unless Timezone Offset From UTC says so: the scanner and
+        # this service are assumed to share the site's local time zone.
+        moment = moment.replace(tzinfo=tz) if tz else moment.astimezone()
+    return moment.astimezone(UTC)
+
+
+def acquisition_time(ds: Dataset) -> datetime | None:
+    """When the images were acquired, as aware UTC; the first of these that parses wins:
+    Acquisition DateTime, Acquisition Date+Time, Content Date+Time, Series Date+Time,
+    Study Date+Time."""
+    tz = _tz_from_offset(ds)
+    raw_dt = text(ds, "AcquisitionDateTime")
+    if raw_dt:
+        try:
+            parsed = DT(raw_dt)
+            if parsed is not None:
+                return _aware(datetime(parsed.year, parsed.month, parsed.day, parsed.hour,
+                                       parsed.minute, parsed.second, parsed.microsecond,
+                                       parsed.tzinfo), tz)
+        except (ValueError, TypeError):
+            pass
+    for day_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"),
+                            ("ContentDate", "ContentTime"),
+                            ("SeriesDate", "SeriesTime"),
+                            ("StudyDate", "StudyTime")):
+        moment = _combine(text(ds, day_kw), text(ds, time_kw), tz)
+        if moment is not None:
+            return moment
+    return None
+
+
+@dataclass(slots=True)
+class InstanceHeader:
+    """What the database keeps about one instance, its series and its study."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str | None = None
+    instance_number: int | None = None
+    acquired_at: datetime | None = None
+    images_in_acquisition: int | None = None
+    # study
+    patient_id: str | None = None
+    patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    study_description: str | None = None
+    referring_physician: str | None = None
+    # series
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part_examined: str | None = None
+    protocol_name: str | None = None
+    frame_of_reference_uid: str | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, *, study_uid: str | None = None,
+                     series_uid: str | None = None, sop_uid: str | None = None) -> InstanceHeader:
+        """Extract the fields; explicit UIDs (already validated on the hot path) win."""
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = None
+        if meta is not None:
+            transfer_syntax = text(meta, "TransferSyntaxUID", 64)
+        return cls(
+            study_instance_uid=study_uid or text(ds, "StudyInstanceUID", 64) or "",
+            series_instance_uid=series_uid or text(ds, "SeriesInstanceUID", 64) or "",
+            sop_instance_uid=sop_uid or text(ds, "SOPInstanceUID", 64) or "",
+            sop_class_uid=text(ds, "SOPClassUID", 64) or "",
+            transfer_syntax_uid=transfer_syntax,
+            instance_number=integer(ds, "InstanceNumber"),
+            acquired_at=acquisition_time(ds),
+            images_in_acquisition=integer(ds, "ImagesInAcquisition"),
+            patient_id=text(ds, "PatientID", 64),
+            patient_name=text(ds, "PatientName", 324),
+            patient_birth_date=text(ds, "PatientBirthDate", 8),
+            patient_sex=text(ds, "PatientSex", 16),
+            accession_number=text(ds, "AccessionNumber", 64),
+            study_date=text(ds, "StudyDate", 8),
+            study_time=text(ds, "StudyTime", 32),
+            study_description=text(ds, "StudyDescription", 128),
+            referring_physician=text(ds, "ReferringPhysicianName", 324),
+            modality=text(ds, "Modality", 16),
+            series_number=integer(ds, "SeriesNumber"),
+            series_description=text(ds, "SeriesDescription", 128),
+            body_part_examined=text(ds, "BodyPartExamined", 64),
+            protocol_name=text(ds, "ProtocolName", 128),
+            frame_of_reference_uid=text(ds, "FrameOfReferenceUID", 64),
+        )
+
+    def study_values(self) -> dict[str, Any]:
+        return {
+            "patient_id": self.patient_id, "patient_name": self.patient_name,
+            "patient_birth_date": self.patient_birth_date, "patient_sex": self.patient_sex,
+            "accession_number": self.accession_number, "study_date": self.study_date,
+            "study_time": self.study_time, "study_description": self.study_description,
+            "referring_physician": self.referring_physician,
+        }
+
+    def series_values(self) -> dict[str, Any]:
+        return {
+            "modality": self.modality, "series_number": self.series_number,
+            "series_description": self.series_description,
+            "body_part_examined": self.body_part_examined, "protocol_name": self.protocol_name,
+            "frame_of_reference_uid": self.frame_of_reference_uid,
+        }

@@ -1,0 +1,392 @@
+"""Series completeness: decide, as early as is safe, that a series has stopped arriving.
+
+A RECEIVING series is complete, in this order of preference:
+
+1. ``expected_count`` - at once when its expected instance count is known and reached
+   (Images in Acquisition, or ``TRIAGE_EXPECTED_INSTANCES_HINT``);
+2. ``mpps`` - at once when a Modality Performed Procedure Step COMPLETED (or DISCONTINUED)
+   lists the series and every instance it lists is here;
+3. ``association_idle`` - when the association that last delivered to it has been released
+   (or aborted) and nothing arrived for ``completion_idle_after_release_s`` (default 5 s);
+4. ``idle`` - when nothing arrived for ``completion_idle_s`` (default 30 s), whatever the
+   associations did (a sender that never releases, an SCP killed mid-association).
+
+All state is in the database, so any number of tracker loops (one per SCP process, several
+pods) may run: completion is claimed with one atomic ``UPDATE .. WHERE state='RECEIVING' AND
+instance_count=:seen AND last_received_at=:seen`` and only the process whose update matched
+goes on to qualify the series and create its analysis. An instance arriving in between makes
+the update match nothing; one arriving afterwards reopens the series (bookkeeper) and the next
+completion creates a new analysis that supersedes the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import distinct, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import record
+from service.config import Settings
+from service.db.tables import (
+    AnalysisState,
+    Instance,
+    MppsStatus,
+    PerformedProcedureStep,
+    PerformedProcedureStepReference,
+    Series,
+    SeriesState,
+    Study,
+)
+from service.db.types import utcnow
+from service.ingest.dispatch import (
+    AnalysisDispatcher,
+    create_analysis,
+    input_fingerprint,
+    model_version,
+    series_state_for,
+    supersede_series_analyses,
+)
+from service.ingest.header import UnreadableHeader, read_header
+from service.ingest.rules import (
+    Decision,
+    ReasonCode,
+    RuleSet,
+    describe_preference,
+    evaluate,
+    load_rules,
+    metrics_from_detail,
+    preference_key,
+)
+from service.ingest.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+EVENT_COMPLETED = "ingest.series.completed"
+EVENT_QUALIFICATION = "ingest.series.qualification"
+STALE_COMPLETE_S = 60.0
+"""A series COMPLETE this long without a qualification decision lost its tracker: redo it."""
+
+
+class CompletionReason(StrEnum):
+    EXPECTED_COUNT = "expected_count"
+    MPPS = "mpps"
+    ASSOCIATION_IDLE = "association_idle"
+    IDLE = "idle"
+
+
+@dataclass(frozen=True)
+class SeriesProgress:
+    """The columns of a RECEIVING series that completion depends on."""
+
+    id: int
+    series_instance_uid: str
+    instance_count: int
+    expected_instances: int | None
+    last_received_at: datetime | None
+    association_released_at: datetime | None
+
+
+def due_reason(progress: SeriesProgress, now: datetime, *, expected_hint: int | None,
+               idle_after_release_s: float, idle_s: float,
+               mpps_complete: bool = False) -> CompletionReason | None:
+    """Why ``progress`` is complete at ``now``, or ``None`` if it must wait (pure function)."""
+    if progress.instance_count <= 0:
+        return None
+    expected = progress.expected_instances or expected_hint
+    if expected and progress.instance_count >= expected:
+        return CompletionReason.EXPECTED_COUNT
+    if mpps_complete:
+        return CompletionReason.MPPS
+    last = progress.last_received_at
+    if last is None:
+        return None
+    released = progress.association_released_at
+    if released is not None:
+        quiet_since = max(last, released)
+        if (now - quiet_since).total_seconds() >= idle_after_release_s:
+            return CompletionReason.ASSOCIATION_IDLE
+    if (now - last).total_seconds() >= idle_s:
+        return CompletionReason.IDLE
+    return None
+
+
+@dataclass
+class TickReport:
+    completed: list[int] = field(default_factory=list)
+    qualified: list[int] = field(default_factory=list)
+    not_analyzable: list[int] = field(default_factory=list)
+    analyses_created: list[int] = field(default_factory=list)
+    enqueued: int = 0
+
+
+class Tracker:
+    """Completion, qualification and analysis creation; one :meth:`tick` per interval."""
+
+    def __init__(self, session_factory: sessionmaker[Session], settings: Settings, spool: Spool,
+                 *, rules: RuleSet | None = None, dispatcher: AnalysisDispatcher | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._factory = session_factory
+        self._settings = settings
+        self._spool = spool
+        self._rules = rules or load_rules(settings)
+        self._clock = clock
+        self.dispatcher = dispatcher or AnalysisDispatcher(session_factory, settings,
+                                                           clock=clock)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- loop -------------------------------------------------------------------------------
+    def wake(self, *_: Any) -> None:
+        """Ask for a tick now (the bookkeeper calls this after a flush)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ingest-tracker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            delay = self._settings.tracker_interval_s * (2 ** min(failures, 5))
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.tick()
+                failures = 0
+            except Exception:  # noqa: BLE001 - the loop survives a database outage
+                failures += 1
+                logger.exception("tracker tick failed (%d in a row)", failures)
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        for progress, reason in self.due():
+            if self._claim(progress, reason):
+                report.completed.append(progress.id)
+                self._qualify(progress.id, report)
+        for series_id in self._stale_complete():
+            self._qualify(series_id, report)
+        for analysis_id in report.analyses_created:
+            if self.dispatcher.dispatch(analysis_id):
+                report.enqueued += 1
+        report.enqueued += self.dispatcher.sweep()
+        return report
+
+    # --- completion ---------------------------------------------------------------------------
+    def due(self) -> list[tuple[SeriesProgress, CompletionReason]]:
+        """RECEIVING series that are complete now, with why."""
+        now = self._clock()
+        with self._factory() as session:
+            rows = session.execute(
+                select(Series.id, Series.series_instance_uid, Series.instance_count,
+                       Series.expected_instances, Series.last_received_at,
+                       Series.association_released_at)
+                .where(Series.state == SeriesState.RECEIVING)).all()
+            if not rows:
+                return []
+            mpps_done = self._mpps_complete(session)
+        out = []
+        for row in rows:
+            progress = SeriesProgress(*row)
+            reason = due_reason(
+                progress, now, expected_hint=self._settings.expected_instances_hint,
+                idle_after_release_s=self._settings.completion_idle_after_release_s,
+                idle_s=self._settings.completion_idle_s,
+                mpps_complete=progress.series_instance_uid in mpps_done)
+            if reason is not None:
+                out.append((progress, reason))
+        return out
+
+    @staticmethod
+    def _mpps_complete(session: Session) -> set[str]:
+        """RECEIVING series every image of which a finished MPPS lists is present."""
+        ref = PerformedProcedureStepReference
+        present = (select(Instance.sop_instance_uid)
+                   .where(Instance.series_id == Series.id).correlate(Series))
+        rows = session.execute(
+            select(ref.series_instance_uid,
+                   func.count(distinct(ref.sop_instance_uid)),
+                   func.count(distinct(ref.sop_instance_uid))
+                   .filter(ref.sop_instance_uid.in_(present.scalar_subquery())))
+            .join(PerformedProcedureStep, PerformedProcedureStep.id == ref.mpps_id)
+            .join(Series, Series.series_instance_uid == ref.series_instance_uid)
+            .where(PerformedProcedureStep.status.in_([MppsStatus.COMPLETED,
+                                                      MppsStatus.DISCONTINUED]),
+                   Series.state == SeriesState.RECEIVING)
+            .group_by(ref.series_instance_uid)).all()
+        return {uid for uid, listed, here in rows if listed and here >= listed}
+
+    def _claim(self, progress: SeriesProgress, reason: CompletionReason) -> bool:
+        now = self._clock()
+        with self._factory() as session, session.begin():
+            conditions = [Series.id == progress.id, Series.state == SeriesState.RECEIVING,
+                          Series.instance_count == progress.instance_count]
+            if progress.last_received_at is None:
+                conditions.append(Series.last_received_at.is_(None))
+            else:
+                conditions.append(Series.last_received_at == progress.last_received_at)
+            claimed = session.execute(
+                update(Series).where(*conditions)
+                .values(state=SeriesState.COMPLETE, completed_at=now,
+                        completion_reason=reason.value, updated_at=now)).rowcount
+            if not claimed:
+                return False
+            study_uid = session.execute(
+                select(Study.study_instance_uid).join(Series, Series.study_id == Study.id)
+                .where(Series.id == progress.id)).scalar_one()
+            record(session, EVENT_COMPLETED, study_instance_uid=study_uid,
+                   series_instance_uid=progress.series_instance_uid,
+                   details={"reason": reason.value, "instances": progress.instance_count,
+                            "expected": progress.expected_instances})
+        logger.info("series %s complete (%s, %d instances)", progress.series_instance_uid,
+                    reason.value, progress.instance_count)
+        return True
+
+    def _stale_complete(self) -> list[int]:
+        """COMPLETE series left without a decision by a process that died: claim them again."""
+        cutoff = self._clock() - timedelta(seconds=STALE_COMPLETE_S)
+        with self._factory() as session:
+            rows = session.execute(
+                select(Series.id, Series.completed_at)
+                .where(Series.state == SeriesState.COMPLETE, Series.qualified.is_(None),
+                       Series.completed_at < cutoff)).all()
+        claimed = []
+        for series_id, completed_at in rows:
+            with self._factory() as session, session.begin():
+                if session.execute(
+                        update(Series)
+                        .where(Series.id == series_id, Series.state == SeriesState.COMPLETE,
+                               Series.qualified.is_(None), Series.completed_at == completed_at)
+                        .values(completed_at=self._clock())).rowcount:
+                    claimed.append(series_id)
+        return claimed
+
+    # --- qualification and analysis --------------------------------------------------------
+    def _qualify(self, series_id: int, report: TickReport) -> None:
+        with self._factory() as session:
+            instances = session.execute(
+                select(Instance.sop_instance_uid, Instance.sha256, Instance.spool_path)
+                .where(Instance.series_id == series_id)).all()
+            count = session.execute(select(Series.instance_count)
+                                    .where(Series.id == series_id)).scalar_one()
+        datasets = []
+        unreadable = 0
+        for _sop, _sha, spool_path in sorted(instances, key=lambda r: r.spool_path):
+            try:
+                datasets.append(read_header(self._spool.path(spool_path)))
+            except (UnreadableHeader, OSError) as exc:
+                unreadable += 1
+                logger.warning("series %d: %s", series_id, exc)
+        decision = evaluate(datasets, self._rules, unreadable=unreadable)
+        fingerprint = input_fingerprint((sop, sha) for sop, sha, _ in instances)
+        self._record_decision(series_id, count, decision, fingerprint, report)
+
+    def _record_decision(self, series_id: int, count: int, decision: Decision,
+                         fingerprint: str, report: TickReport) -> None:
+        now = self._clock()
+        with self._factory() as session, session.begin():
+            study_id = session.execute(select(Series.study_id)
+                                       .where(Series.id == series_id)).scalar_one()
+            # Lock the study first: two series of one study deciding at once must not both
+            # believe they are the selected one.
+            session.execute(update(Study).where(Study.id == study_id).values(updated_at=now))
+            guard = [Series.id == series_id, Series.state == SeriesState.COMPLETE,
+                     Series.instance_count == count]
+            values: dict[str, Any] = {
+                "qualified": decision.qualified,
+                "qualification_reason": decision.reason.value,
+                "qualification_detail": decision.detail_json(), "updated_at": now}
+            if not decision.qualified:
+                values.update(state=SeriesState.NOT_ANALYZABLE,
+                              state_reason=decision.reason.value, state_detail=decision.detail)
+            if not session.execute(update(Series).where(*guard).values(**values)).rowcount:
+                logger.info("series %d changed while it was being qualified: later", series_id)
+                return
+            series_uid, study_uid, selected_id = session.execute(
+                select(Series.series_instance_uid, Study.study_instance_uid,
+                       Study.selected_series_id)
+                .join(Study, Study.id == Series.study_id).where(Series.id == series_id)).one()
+            details: dict[str, Any] = {"qualified": decision.qualified,
+                                       "reason": decision.reason.value,
+                                       "detail": decision.detail}
+            if not decision.qualified:
+                report.not_analyzable.append(series_id)
+                record(session, EVENT_QUALIFICATION, outcome="warning",
+                       study_instance_uid=study_uid, series_instance_uid=series_uid,
+                       details=details)
+                logger.info("series %s not analyzable: %s (%s)", series_uid,
+                            decision.reason.value, decision.detail)
+                return
+            report.qualified.append(series_id)
+            chosen, why = self._select(session, study_id, series_id, selected_id,
+                                       decision.metrics)
+            details["selected"] = chosen == series_id
+            details["selection"] = why
+            if chosen != series_id:
+                session.execute(update(Series).where(Series.id == series_id).values(
+                    state=SeriesState.NOT_ANALYZABLE, state_reason=ReasonCode.NOT_SELECTED.value,
+                    state_detail=why))
+                record(session, EVENT_QUALIFICATION, study_instance_uid=study_uid,
+                       series_instance_uid=series_uid, details=details)
+                logger.info("series %s qualifies but is not selected: %s", series_uid, why)
+                return
+            analysis, created = create_analysis(session, series_id,
+                                                model_version(self._settings), fingerprint)
+            if selected_id is not None and selected_id != series_id:
+                supersede_series_analyses(session, selected_id, analysis.id)
+            session.execute(update(Study).where(Study.id == study_id)
+                            .values(selected_series_id=series_id, selection_reason=why[:256]))
+            state = series_state_for(analysis)
+            if state != SeriesState.COMPLETE:
+                session.execute(update(Series).where(Series.id == series_id)
+                                .values(state=state))
+            details.update(analysis_id=analysis.id, fingerprint=fingerprint,
+                           model_version=analysis.model_version, new_analysis=created)
+            record(session, EVENT_QUALIFICATION, study_instance_uid=study_uid,
+                   series_instance_uid=series_uid, details=details)
+        if analysis.state == AnalysisState.PENDING:
+            report.analyses_created.append(analysis.id)
+        logger.info("series %s qualified (%s); analysis %d %s", series_uid, why, analysis.id,
+                    "created" if created else "reused")
+
+    @staticmethod
+    def _select(session: Session, study_id: int, series_id: int, selected_id: int | None,
+                metrics: dict[str, Any]) -> tuple[int, str]:
+        """The study's preferred qualifying series (bone kernel, thin, many slices) and why."""
+        others = session.execute(
+            select(Series.id, Series.series_instance_uid, Series.qualification_detail)
+            .where(Series.study_id == study_id, Series.id != series_id,
+                   Series.qualified.is_(True))).all()
+        mine = preference_key(metrics)
+        best_other = None
+        for other_id, other_uid, detail in others:
+            other_metrics = metrics_from_detail(detail)
+            key = preference_key(other_metrics)
+            # Ties keep the series already selected, so a re-sent series does not flap.
+            beats_mine = key < mine or (key == mine and other_id == selected_id)
+            if beats_mine and (best_other is None or key < best_other[0]):
+                best_other = (key, other_id, other_uid, other_metrics)
+        if best_other is None:
+            if others:
+                return series_id, (f"selected ({describe_preference(metrics)}) over "
+                                   f"{len(others)} other qualifying series")
+            return series_id, f"only qualifying series ({describe_preference(metrics)})"
+        _, other_id, other_uid, other_metrics = best_other
+        return other_id, (f"series {other_uid} preferred "
+                          f"({describe_preference(other_metrics)} vs "
+                          f"{describe_preference(metrics)})")
