@@ -91,6 +91,8 @@ def enqueue_analysis(app: Celery, analysis_id: int) -> str:
     return str(result.id)
 
 
-def enqueue_export(app: Celery, export_id: int) -> str:
-    result = app.send_task(TASK_EXPORT_RESULT, args=[export_id], queue=EXPORT_QUEUE, retry=False)
+def enqueue_export(app: Celery, analysis_id: int) -> str:
+    """Send an analysis's result objects to its destinations (rows planned in ``export``)."""
+    result = app.send_task(TASK_EXPORT_RESULT, args=[analysis_id], queue=EXPORT_QUEUE,
+                           retry=False)
     return str(result.id)

@@ -1,0 +1,426 @@
+"""Celery task bodies: thin steps that call imaging, inference, results, dicom.scu, worklist.
+
+Every task takes an ID, re-reads the state, and acts only when the state says there is
+something to do, so a redelivered task (worker killed, ``acks_late``) completes the work
+exactly once: findings are replaced, result objects carry deterministic UIDs, export rows are
+unique per object and destination.
+
+Errors: a series that cannot be analyzed is NOT_ANALYZABLE with a stable reason code (from
+``imaging.qc``); transient infrastructure errors (database, filesystem, broker) are retried
+with exponential backoff up to ``task_max_retries``; anything else, and the last retry, makes
+the analysis FAILED with its error, visible through the API and retryable by an admin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.audit import record
+from service.config import Settings, get_settings
+from service.db.session import make_engine, make_session_factory, session_scope
+from service.db.tables import (
+    Analysis,
+    AnalysisState,
+    Finding,
+    Instance,
+    SeriesState,
+)
+from service.db.types import utcnow
+from service.queue import (
+    EXPORT_QUEUE,
+    TASK_ANALYZE_SERIES,
+    TASK_EXPORT_RESULT,
+    enqueue_export,
+    make_celery,
+)
+
+logger = logging.getLogger(__name__)
+
+FINAL_STATES = {AnalysisState.DONE, AnalysisState.NOT_ANALYZABLE, AnalysisState.SUPERSEDED,
+                AnalysisState.FAILED}
+WORKER_KEY_PREFIX = "cspine:worker:"
+"""Redis keys under which each worker process announces its model and execution provider."""
+HEARTBEAT_TTL_S = 120
+
+
+class TransientError(Exception):
+    """Infrastructure trouble worth retrying (database, filesystem, broker)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | TransientError | ConnectionError | TimeoutError):
+        return True
+    try:
+        import redis
+
+        if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, OSError) and exc.errno in {5, 11, 28, 110, 111, 112, 113, 116, 122}
+
+
+@dataclass
+class WorkerContext:
+    """What one worker process holds: settings and database handles, created after fork."""
+
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    celery: Celery
+
+    @classmethod
+    def create(cls, settings: Settings, celery: Celery) -> WorkerContext:
+        engine = make_engine(settings.db_url)
+        return cls(settings=settings, engine=engine,
+                   session_factory=make_session_factory(engine), celery=celery)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class _Claim:
+    analysis_id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    paths: list[Path]
+    attempt: int
+
+
+def _claim(ctx: WorkerContext, analysis_id: int, task_id: str | None) -> _Claim | None:
+    """Move the analysis to RUNNING if there is work to do; None when there is not."""
+    with session_scope(ctx.session_factory) as session:
+        analysis = session.get(Analysis, analysis_id, with_for_update=True)
+        if analysis is None:
+            logger.warning("analysis %d does not exist; dropping the task", analysis_id)
+            return None
+        if analysis.state in FINAL_STATES:
+            logger.info("analysis %d is already %s; nothing to do", analysis_id,
+                        analysis.state.value)
+            return None
+        series = analysis.series
+        now = utcnow()
+        analysis.state = AnalysisState.RUNNING
+        analysis.started_at = now
+        analysis.attempts += 1
+        analysis.task_id = task_id
+        analysis.error = None
+        if analysis.queued_at is None:
+            analysis.queued_at = now
+        series.state = SeriesState.RUNNING
+        instances = session.execute(
+            select(Instance.spool_path).where(Instance.series_id == series.id)
+            .order_by(Instance.id)
+        ).scalars().all()
+        spool = ctx.settings.spool_path
+        return _Claim(analysis_id=analysis.id, series_instance_uid=series.series_instance_uid,
+                      study_instance_uid=series.study.study_instance_uid,
+                      paths=[spool / p for p in instances], attempt=analysis.attempts)
+
+
+def _finish_not_analyzable(ctx: WorkerContext, analysis_id: int, reason: str,
+                           detail: str) -> None:
+    from service.worklist.priority import PriorityPolicy, apply_priority
+
+    with session_scope(ctx.session_factory) as session:
+        analysis = session.get(Analysis, analysis_id, with_for_update=True)
+        if analysis is None:
+            return
+        now = utcnow()
+        analysis.state = AnalysisState.NOT_ANALYZABLE
+        analysis.reason_code = reason
+        analysis.error = detail[:4000]
+        analysis.finished_at = now
+        series = analysis.series
+        series.state = SeriesState.NOT_ANALYZABLE
+        series.state_reason = reason
+        series.state_detail = detail[:4000]
+        if _is_current(session, analysis):
+            apply_priority(session, series.study, PriorityPolicy.not_analyzed(reason),
+                           analysis=analysis, now=now, actor=ctx.settings.ae_title)
+        record(session, "analysis.not_analyzable", outcome="failure",
+               actor=ctx.settings.ae_title,
+               study_instance_uid=series.study.study_instance_uid,
+               series_instance_uid=series.series_instance_uid,
+               details={"analysis_id": analysis_id, "reason": reason, "detail": detail[:500]})
+    logger.info("analysis %d NOT_ANALYZABLE: %s (%s)", analysis_id, reason, detail)
+
+
+def _finish_failed(ctx: WorkerContext, analysis_id: int, error: str) -> None:
+    with session_scope(ctx.session_factory) as session:
+        analysis = session.get(Analysis, analysis_id, with_for_update=True)
+        if analysis is None:
+            return
+        analysis.state = AnalysisState.FAILED
+        analysis.error = error[:4000]
+        analysis.finished_at = utcnow()
+        series = analysis.series
+        series.state = SeriesState.FAILED
+        series.state_reason = "ANALYSIS_FAILED"
+        series.state_detail = error[:4000]
+        record(session, "analysis.failed", outcome="failure", actor=ctx.settings.ae_title,
+               study_instance_uid=series.study.study_instance_uid,
+               series_instance_uid=series.series_instance_uid,
+               details={"analysis_id": analysis_id, "attempts": analysis.attempts,
+                        "error": error[:500]})
+    logger.error("analysis %d FAILED: %s", analysis_id, error)
+
+
+def _is_current(session: Session, analysis: Analysis) -> bool:
+    """True unless a newer analysis of the same series exists (a reopened series)."""
+    newer = session.execute(
+        select(Analysis.id).where(Analysis.series_id == analysis.series_id,
+                                  Analysis.id > analysis.id,
+                                  Analysis.state != AnalysisState.FAILED).limit(1)
+    ).scalar_one_or_none()
+    return newer is None and analysis.state is not AnalysisState.SUPERSEDED
+
+
+def _load_and_infer(ctx: WorkerContext, claim: _Claim) -> tuple[Any, Any, dict[str, float]]:
+    """Load the series and run the model; returns (volume, findings, durations)."""
+    from service.imaging.volume import load_series
+    from service.inference.pipeline import run_pipeline
+    from service.inference.runtime import get_runtime
+
+    durations: dict[str, float] = {}
+    started = time.perf_counter()
+    volume = load_series(claim.paths, ctx.settings)
+    durations["load"] = time.perf_counter() - started
+    runtime = get_runtime(ctx.settings)
+    findings = run_pipeline(volume, runtime, ctx.settings)
+    durations.update(findings.stage_durations)
+    return volume, findings, durations
+
+
+def _store_results(ctx: WorkerContext, volume: Any, findings: Any) -> dict[Any, Any]:
+    from service.results.build import build_and_store
+    from service.results.common import AlgorithmInfo
+
+    algorithm = AlgorithmInfo(name=findings.model_name, version=findings.model_version)
+    return build_and_store(volume, findings, ctx.settings, algorithm=algorithm)
+
+
+def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
+                     stored: dict[Any, Any], durations: dict[str, float],
+                     timestamps: dict[str, datetime], warnings: list[str]) -> bool:
+    """Write findings, flag the study, plan exports, DONE. True when exports are planned."""
+    from service.dicom.scu import export_targets, plan_exports
+    from service.worklist.priority import PriorityPolicy, apply_priority
+
+    with session_scope(ctx.session_factory) as session:
+        analysis = session.get(Analysis, claim.analysis_id, with_for_update=True)
+        if analysis is None or analysis.state is not AnalysisState.RUNNING:
+            logger.warning("analysis %d changed state while running; results kept, not flagged",
+                           claim.analysis_id)
+            return False
+        session.execute(delete(Finding).where(Finding.analysis_id == analysis.id))
+        for v in findings.vertebrae:
+            session.add(Finding(
+                analysis_id=analysis.id, vertebra=v.vertebra, in_view=v.in_view,
+                probability=v.probability, suspected=v.suspected,
+                slice_start=v.slice_range[0] if v.slice_range else None,
+                slice_end=v.slice_range[1] if v.slice_range else None,
+                bbox=list(v.bbox) if v.bbox else None, key_slices=list(v.key_slices)))
+        analysis.patient_probability = float(findings.patient_probability)
+        analysis.suspected = bool(findings.patient_suspected or findings.suspected_vertebrae)
+        analysis.execution_provider = findings.execution_provider
+        analysis.stage_durations = {k: round(float(s), 4) for k, s in durations.items()}
+        analysis.warnings = sorted(set(warnings))
+        analysis.inferred_at = timestamps["inferred_at"]
+        analysis.results_stored_at = timestamps["results_stored_at"]
+        series = analysis.series
+        current = _is_current(session, analysis)
+        if current:
+            apply_priority(session, series.study,
+                           PriorityPolicy.from_settings(ctx.settings).decide(findings),
+                           analysis=analysis, actor=ctx.settings.ae_title)
+        rows = plan_exports(session, analysis.id, stored, export_targets(ctx.settings))
+        analysis.state = AnalysisState.DONE
+        analysis.finished_at = utcnow()
+        analysis.reason_code = None
+        if current:
+            series.state = SeriesState.DONE
+            series.state_reason = None
+            series.state_detail = None
+        record(session, "analysis.done", actor=ctx.settings.ae_title,
+               study_instance_uid=series.study.study_instance_uid,
+               series_instance_uid=series.series_instance_uid,
+               details={"analysis_id": analysis.id, "suspected": findings.suspected_vertebrae,
+                        "patient_probability": round(float(findings.patient_probability), 4),
+                        "provider": findings.execution_provider,
+                        "objects": sorted(str(k.value) for k in stored)})
+        return bool(rows)
+
+
+def analyze(ctx: WorkerContext, analysis_id: int, *, task_id: str | None = None,
+            enqueue: Callable[[int], object] | None = None) -> str:
+    """Run one analysis to a final state; returns that state's name.
+
+    Raises only transient errors (for the task to retry); everything else ends in a state.
+    """
+    from service.imaging.qc import VolumeError
+    from service.inference.manifest import ManifestError
+    from service.inference.runtime import ModelIntegrityError
+
+    claim = _claim(ctx, analysis_id, task_id)
+    if claim is None:
+        return "SKIPPED"
+    try:
+        volume, findings, durations = _load_and_infer(ctx, claim)
+        inferred_at = utcnow()
+        started = time.perf_counter()
+        stored = _store_results(ctx, volume, findings)
+        durations["results"] = time.perf_counter() - started
+        results_stored_at = utcnow()
+    except VolumeError as exc:
+        _finish_not_analyzable(ctx, analysis_id, exc.reason.value, exc.detail)
+        return AnalysisState.NOT_ANALYZABLE.value
+    except (ModelIntegrityError, ManifestError) as exc:
+        _finish_failed(ctx, analysis_id, f"model unusable: {exc}")
+        return AnalysisState.FAILED.value
+    except SoftTimeLimitExceeded:
+        _finish_failed(ctx, analysis_id,
+                       f"time limit of {ctx.settings.task_soft_time_limit_s} s exceeded")
+        return AnalysisState.FAILED.value
+    except Exception as exc:
+        if _is_transient(exc):
+            raise
+        logger.exception("analysis %d: unexpected error", analysis_id)
+        _finish_failed(ctx, analysis_id,
+                       f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+        return AnalysisState.FAILED.value
+    has_exports = _record_findings(
+        ctx, claim, findings, stored, durations,
+        {"inferred_at": inferred_at, "results_stored_at": results_stored_at},
+        list(volume.warnings) + list(findings.warnings))
+    if has_exports:
+        try:
+            (enqueue or (lambda i: enqueue_export(ctx.celery, i)))(analysis_id)
+        except Exception:  # noqa: BLE001 - rows stay PENDING; `triage export retry` resends
+            logger.exception("analysis %d: could not enqueue the export", analysis_id)
+    return AnalysisState.DONE.value
+
+
+def export(ctx: WorkerContext, analysis_id: int) -> dict[str, str]:
+    """Send the analysis's result objects to every destination (retries inside)."""
+    from service.dicom.scu import export_analysis
+
+    summary = export_analysis(ctx.session_factory, analysis_id, ctx.settings)
+    return {f"{dest}/{kind}": state.value for (dest, kind), state in summary.states.items()}
+
+
+def retry_analysis(session: Session, analysis_id: int, *, actor: str) -> Analysis:
+    """Admin action: put a FAILED (or NOT_ANALYZABLE) analysis back to PENDING."""
+    analysis = session.get(Analysis, analysis_id, with_for_update=True)
+    if analysis is None:
+        raise LookupError(f"analysis {analysis_id} does not exist")
+    if analysis.state not in (AnalysisState.FAILED, AnalysisState.NOT_ANALYZABLE):
+        raise ValueError(f"analysis {analysis_id} is {analysis.state.value}, not retryable")
+    analysis.state = AnalysisState.PENDING
+    analysis.error = None
+    analysis.reason_code = None
+    analysis.attempts = 0
+    analysis.series.state = SeriesState.QUEUED
+    record(session, "analysis.retry", actor=actor,
+           study_instance_uid=analysis.series.study.study_instance_uid,
+           series_instance_uid=analysis.series.series_instance_uid,
+           details={"analysis_id": analysis_id})
+    return analysis
+
+
+# --------------------------------------------------------------------------- celery app
+
+
+def _announce(ctx: WorkerContext) -> None:
+    """Publish this process's model and provider for ``/healthz`` (best effort)."""
+    try:
+        import redis
+
+        from service.inference.runtime import get_runtime
+
+        info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                                "at": utcnow().isoformat()}
+        try:
+            info.update(get_runtime(ctx.settings).describe())
+        except Exception as exc:  # noqa: BLE001 - reported, the worker keeps serving
+            info["model_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        assert ctx.settings.broker_url
+        client = redis.Redis.from_url(ctx.settings.broker_url, socket_timeout=2,
+                                      socket_connect_timeout=2)
+        client.set(f"{WORKER_KEY_PREFIX}{info['host']}:{info['pid']}", json.dumps(info),
+                   ex=HEARTBEAT_TTL_S)
+        client.close()
+    except Exception:  # noqa: BLE001
+        logger.warning("could not announce the worker on the broker", exc_info=True)
+
+
+def create_worker_app(settings: Settings | None = None) -> Celery:
+    """The Celery app with the task bodies registered (used by ``triage worker``)."""
+    settings = settings or get_settings()
+    app = make_celery(settings)
+    contexts: dict[int, WorkerContext] = {}
+
+    def context() -> WorkerContext:
+        # One context per process: engines must not cross a fork.
+        pid = os.getpid()
+        if pid not in contexts:
+            contexts.clear()
+            contexts[pid] = WorkerContext.create(settings, app)
+        return contexts[pid]
+
+    @worker_process_init.connect(weak=False)
+    def _init_process(**_kwargs: Any) -> None:
+        _announce(context())
+
+    @app.task(name=TASK_ANALYZE_SERIES, bind=True, max_retries=settings.task_max_retries,
+              acks_late=True)
+    def analyze_series(self: Task, analysis_id: int) -> str:
+        ctx = context()
+        try:
+            return analyze(ctx, analysis_id, task_id=self.request.id)
+        except Exception as exc:
+            if self.request.retries >= settings.task_max_retries:
+                _finish_failed(ctx, analysis_id,
+                               f"transient error after {self.request.retries + 1} attempts: "
+                               f"{type(exc).__name__}: {exc}")
+                return AnalysisState.FAILED.value
+            countdown = settings.task_retry_backoff_s * 2 ** self.request.retries
+            logger.warning("analysis %d: transient %s; retry in %d s", analysis_id,
+                           type(exc).__name__, countdown)
+            raise self.retry(exc=exc, countdown=countdown) from exc
+
+    @app.task(name=TASK_EXPORT_RESULT, bind=True, acks_late=True, queue=EXPORT_QUEUE)
+    def export_result(self: Task, analysis_id: int) -> dict[str, str]:
+        return export(context(), analysis_id)
+
+    app.conf.worker_context_factory = context  # for tests and the CLI
+    return app
+
+
+def run_worker(settings: Settings, *, queues: list[str], concurrency: int | None = None,
+               pool: str = "prefork", hostname: str | None = None) -> None:
+    app = create_worker_app(settings)
+    argv = ["worker", "--loglevel", settings.log_level, "-Q", ",".join(queues),
+            "--concurrency", str(concurrency or settings.worker_concurrency), "--pool", pool,
+            "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
