@@ -59,9 +59,13 @@ class AlgorithmInfo:
     """Version of this service (the SEG's and SR's Software Versions list it after the model's)."""
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> AlgorithmInfo:
+    def from_manifest(cls, manifest: Mapping[str, Any] | Any) -> AlgorithmInfo:
         """Read ``name``/``version``/``manufacturer`` (``model_name``/``model_version`` also
-        accepted) from a parsed model manifest."""
+        accepted) from a parsed model manifest: a mapping or an object with those attributes
+        (``service.inference.manifest.ModelManifest``)."""
+        if not isinstance(manifest, Mapping):
+            manifest = {key: getattr(manifest, key, None)
+                        for key in ("name", "version", "manufacturer")}
         name = manifest.get("name") or manifest.get("model_name")
         version = manifest.get("version") or manifest.get("model_version")
         if not name or not version:

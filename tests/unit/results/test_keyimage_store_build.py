@@ -109,3 +109,12 @@ def test_label_map_values_beyond_c7_are_background() -> None:
 def test_algorithm_from_manifest(manifest: dict[str, str]) -> None:
     info = AlgorithmInfo.from_manifest(manifest)
     assert (info.name, info.version) == ("m", "2")
+
+
+def test_algorithm_from_manifest_object() -> None:
+    class Manifest:
+        name = "cspine"
+        version = "1.2.0"
+
+    info = AlgorithmInfo.from_manifest(Manifest())
+    assert (info.name, info.version, info.manufacturer) == ("cspine", "1.2.0", "cspine-triage")

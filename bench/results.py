@@ -1,0 +1,116 @@
+"""SEG size and build time for a 300-slice series: our default against named peers.
+
+Default: BINARY + JPEG 2000 lossless. Peers, measured in the same run on the same label map:
+BINARY uncompressed (Explicit VR Little Endian, bit-packed), LABELMAP + JPEG 2000 and
+LABELMAP uncompressed. Also the SR build time. Synthetic inputs (ellipsoidal "vertebrae"
+with ragged edges on a 512 x 512 x 300 grid), not clinical data.
+
+    .venv/bin/python -m bench.results [--slices 300] [--size 512] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+from service.config import SegFormat
+from service.inference.findings import VERTEBRAE, Findings, VertebraFinding
+from service.results.common import AlgorithmInfo
+from service.results.seg import build_segmentation
+from service.results.sr import build_report
+from tests.unit.results.synthetic_inputs import make_ct_series, volume_from
+
+ROOT = "1.2.826.0.1.3680043.10.1455."
+
+
+def vertebra_label_map(n: int, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Seven stacked ellipsoids (body plus a posterior arch), edges roughened by noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n, rows, cols), np.uint8)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    height = int(n * 0.6) // len(VERTEBRAE)
+    top = int(n * 0.9)
+    for i in range(len(VERTEBRAE)):
+        z1 = top - i * height
+        z0 = z1 - height + 3  # a 3-slice disc between vertebrae
+        cy, cx = rows * 0.45, cols * 0.5
+        for z in range(max(z0, 0), max(z1, 0)):
+            t = (z - z0) / max(1, z1 - z0) - 0.5
+            ry, rx = rows * 0.07 * (1 - t * t), cols * 0.09 * (1 - t * t)
+            body = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+            arch = ((yy - cy - rows * 0.12) / (ry * 0.8)) ** 2 + ((xx - cx) / (rx * 1.3)) ** 2
+            noise = rng.normal(0, 0.08, (rows, cols))
+            mask = (np.minimum(body, arch) + noise) < 1.0
+            labels[z][mask] = i + 1
+    return labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    volume = volume_from(make_ct_series(args.slices, args.size, args.size, with_pixels=False))
+    label_map = vertebra_label_map(args.slices, args.size, args.size)
+    findings = Findings(
+        series_instance_uid=volume.series_instance_uid, model_name="bench", model_version="1",
+        vertebrae=[VertebraFinding(vertebra=v, in_view=True, probability=0.1, suspected=False,
+                                   slice_range=(0, 0)) for v in VERTEBRAE],
+        patient_probability=0.1, patient_suspected=False, vertebra_threshold=0.5,
+        patient_threshold=0.5, label_map=label_map)
+    algorithm = AlgorithmInfo(name="bench", version="1")
+    voxels = int((label_map > 0).sum())
+    print(f"series: {args.slices} slices of {args.size}x{args.size}, "
+          f"{voxels} labelled voxels ({100 * voxels / label_map.size:.2f} %), "
+          f"{int((label_map > 0).any(axis=(1, 2)).sum())} slices with a vertebra")
+
+    variants = [
+        ("BINARY + JPEG 2000 lossless (default)", SegFormat.BINARY, JPEG2000Lossless),
+        ("BINARY uncompressed (Explicit VR LE)", SegFormat.BINARY, ExplicitVRLittleEndian),
+        ("LABELMAP + JPEG 2000 lossless", SegFormat.LABELMAP, JPEG2000Lossless),
+        ("LABELMAP uncompressed (Explicit VR LE)", SegFormat.LABELMAP, ExplicitVRLittleEndian),
+    ]
+    results: list[tuple[str, int, float, int]] = []
+    for name, seg_format, syntax in variants:
+        times, size, frames = [], 0, 0
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm,
+                                     seg_format=seg_format, transfer_syntax_uid=syntax)
+            assert seg is not None
+            buffer = io.BytesIO()
+            seg.dataset.save_as(buffer)
+            times.append(time.perf_counter() - start)
+            size, frames = len(buffer.getvalue()), int(seg.dataset.NumberOfFrames)
+        results.append((name, size, statistics.median(times), frames))
+
+    base_name, base_size, base_time, _ = results[0]
+    print(f"\n{'variant':42s} {'frames':>6s} {'bytes':>12s} {'size x':>8s} "
+          f"{'build s':>8s} {'time x':>7s}")
+    for name, size, seconds, frames in results:
+        print(f"{name:42s} {frames:6d} {size:12d} {size / base_size:8.2f} "
+              f"{seconds:8.2f} {seconds / base_time:7.2f}")
+    print(f"(ratios against '{base_name}', median of {args.repeat} builds, "
+          "build time includes writing to memory)")
+
+    seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm)
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        sr = build_report(volume, findings, uid_root=ROOT, algorithm=algorithm, segmentation=seg)
+        buffer = io.BytesIO()
+        sr.save_as(buffer)
+        times.append(time.perf_counter() - start)
+    print(f"\nSR (TID 1500, 7 vertebra groups, {args.slices} evidence references): "
+          f"{len(buffer.getvalue())} bytes, built in {statistics.median(times):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
