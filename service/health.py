@@ -66,6 +66,33 @@ def check_broker(settings: Settings) -> dict[str, Any]:
     return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+WORKER_KEY_PATTERN = "cspine:worker:*"
+"""Written by each worker process (``service.worker``) with a TTL; read here by pattern so
+the web side needs no import of the worker."""
+
+
+def check_workers(settings: Settings) -> dict[str, Any]:
+    """Workers that announced themselves recently, with their model and execution provider."""
+    if not settings.broker_url:
+        return {"status": "not_configured", "workers": []}
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker_url,
+                                      socket_connect_timeout=settings.broker_connect_timeout_s,
+                                      socket_timeout=settings.broker_connect_timeout_s)
+        keys = sorted(client.scan_iter(WORKER_KEY_PATTERN, count=100))[:50]
+        values = client.mget(keys) if keys else []
+        client.close()
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "unknown", "error": type(exc).__name__, "workers": []}
+    workers = [json.loads(v) for v in values if v]
+    providers = sorted({w.get("execution_provider") for w in workers
+                        if w.get("execution_provider")})
+    return {"status": "up" if workers else "none", "workers": workers,
+            "execution_providers": providers}
+
+
 def check_model(settings: Settings) -> dict[str, Any]:
     """Presence and identity of the model artifacts; the worker reports its own provider."""
     manifest = settings.model_dir / "manifest.json"

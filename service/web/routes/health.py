@@ -20,6 +20,7 @@ async def healthz(settings: SettingsDep, engine: EngineDep) -> JSONResponse:
         "database": await run_in_threadpool(health.check_database, engine, settings),
         "broker": await run_in_threadpool(health.check_broker, settings),
         "model": await run_in_threadpool(health.check_model, settings),
+        "workers": await run_in_threadpool(health.check_workers, settings),
     }
     status = health.overall(components)
     body = {"status": status, "versions": health.versions(), "components": components}
