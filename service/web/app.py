@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.config import Settings, get_settings
 from service.db.session import make_engine, make_session_factory
-from service.web.routes import health, worklist
+from service.web.routes import health, studies, worklist
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,4 +28,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.include_router(health.router)
     app.include_router(worklist.router)
+    app.include_router(studies.router)
     return app
