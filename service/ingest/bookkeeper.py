@@ -242,8 +242,9 @@ def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
                 association_id=item.association_id, calling_ae=item.calling_ae,
                 received_at=item.received_at,
             ).on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
-        ).rowcount
-        if not inserted:
+            .returning(Instance.id)
+        ).scalar_one_or_none()
+        if inserted is None:
             result.instances_known += 1
             continue
         result.instances_new += 1

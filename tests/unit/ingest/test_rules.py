@@ -1,0 +1,182 @@
+"""Qualification rules: one test per reason code, keyword variants, YAML overrides, choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from service.config import Settings
+from service.ingest.rules import (
+    Decision,
+    ReasonCode,
+    evaluate,
+    load_rules,
+    metrics_from_detail,
+    preference_key,
+)
+from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path, min_slices=20, max_slice_thickness_mm=3.0)
+
+
+def series(spec: SeriesSpec) -> list[Dataset]:
+    return [ct_dataset(spec, i, with_pixels=False) for i in range(spec.slices)
+            if i not in spec.skip_positions]
+
+
+def decide(spec: SeriesSpec, settings: Settings) -> Decision:
+    return evaluate(series(spec), load_rules(settings))
+
+
+def test_cervical_axial_ct_qualifies(settings: Settings) -> None:
+    decision = decide(SeriesSpec(slices=40), settings)
+    assert decision.qualified, decision.detail
+    assert decision.reason is ReasonCode.QUALIFIED
+    assert decision.metrics["slices"] == 40
+    assert decision.metrics["thickness_mm"] == 1.0
+    assert decision.metrics["bone_kernel"] is True
+    assert metrics_from_detail(decision.detail_json()) == \
+        {k: v for k, v in decision.metrics.items()}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("body_part", "NECK"), ("description", "HWS knochen 1mm"), ("description", "c-spine bone"),
+    ("description", "Cervical Spine"), ("description", "RACHIS CERVICAL OS"),
+    ("study_description", "CT Halswirbelsäule"), ("body_part", "CSPINE"),
+])
+def test_keyword_variants(settings: Settings, field: str, value: str) -> None:
+    spec = SeriesSpec(slices=30, body_part=None, description="AXIAL 1.0",
+                      study_description="CT TRAUMA")
+    setattr(spec, field, value)
+    assert decide(spec, settings).qualified, value
+
+
+def test_reason_codes(settings: Settings) -> None:
+    cases: list[tuple[SeriesSpec, ReasonCode]] = [
+        (SeriesSpec(modality="MR"), ReasonCode.NOT_CT),
+        (SeriesSpec(sop_class_uid=SecondaryCaptureImageStorage), ReasonCode.UNSUPPORTED_SOP_CLASS),
+        (SeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), ReasonCode.LOCALIZER),
+        (SeriesSpec(image_type=("DERIVED", "SECONDARY", "AXIAL")), ReasonCode.DERIVED_IMAGE),
+        (SeriesSpec(description="TOPOGRAM 0.6 T20f"), ReasonCode.EXCLUDED_DESCRIPTION),
+        (SeriesSpec(body_part="HEAD", description="BRAIN 5mm", study_description="CT HEAD"),
+         ReasonCode.NOT_CERVICAL),
+        (SeriesSpec(orientation=(0, 1, 0, 0, 0, -1)), ReasonCode.NOT_AXIAL),
+        (SeriesSpec(gantry_tilt_deg=12.0), ReasonCode.GANTRY_TILT),
+        (SeriesSpec(thickness_mm=5.0), ReasonCode.SLICE_TOO_THICK),
+        (SeriesSpec(slices=10), ReasonCode.TOO_FEW_SLICES),
+        (SeriesSpec(slices=40, skip_positions=(20, 21, 22)), ReasonCode.MISSING_SLICES),
+    ]
+    for spec, expected in cases:
+        decision = decide(spec, settings)
+        assert not decision.qualified
+        assert decision.reason is expected, (expected, decision.detail)
+        assert decision.detail
+
+
+def test_mixed_orientation_and_missing_geometry(settings: Settings) -> None:
+    spec = SeriesSpec(slices=30)
+    datasets = series(spec)
+    datasets[5].ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
+    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.MIXED_ORIENTATION
+    datasets = series(spec)
+    del datasets[3].ImagePositionPatient
+    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.MISSING_GEOMETRY
+
+
+def test_duplicate_positions_and_mixed_matrix_are_inconsistent(settings: Settings) -> None:
+    spec = SeriesSpec(slices=30)
+    datasets = series(spec)
+    datasets[4].ImagePositionPatient = datasets[3].ImagePositionPatient
+    decision = evaluate(datasets, load_rules(settings))
+    assert decision.reason is ReasonCode.INCONSISTENT_GEOMETRY
+    datasets = series(spec)
+    datasets[2].Rows = 32
+    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.INCONSISTENT_GEOMETRY
+
+
+def test_localizers_inside_a_series_are_skipped_not_fatal(settings: Settings) -> None:
+    spec = SeriesSpec(slices=30)
+    datasets = series(spec)
+    scout = ct_dataset(SeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+                                  orientation=(0, 1, 0, 0, 0, -1)), 0, with_pixels=False)
+    decision = evaluate([*datasets, scout], load_rules(settings))
+    assert decision.qualified, decision.detail
+    assert decision.metrics["localizers_skipped"] == 1
+
+
+def test_no_images_at_all(settings: Settings) -> None:
+    decision = evaluate([], load_rules(settings), unreadable=3)
+    assert decision.reason is ReasonCode.NO_READABLE_IMAGES
+    assert decision.metrics["unreadable"] == 3
+
+
+def test_settings_thresholds_apply_and_yaml_overrides_them(tmp_path: Path) -> None:
+    thick = SeriesSpec(slices=30, thickness_mm=2.5)
+    assert not decide(thick, Settings(data_dir=tmp_path, max_slice_thickness_mm=2.0)).qualified
+    assert decide(thick, Settings(data_dir=tmp_path, max_slice_thickness_mm=3.0)).qualified
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text("modalities: [CT]\nsop_classes: [1.2.840.10008.5.1.4.1.1.2]\n"
+                          "keyword_fields: [SeriesDescription]\ncervical_keywords: [SPECIAL]\n"
+                          "max_slice_thickness_mm: 2.0\nmin_slices: 5\n")
+    settings = Settings(data_dir=tmp_path, rules_file=rules_file, max_slice_thickness_mm=9.0)
+    rules = load_rules(settings)
+    assert rules.max_slice_thickness_mm == 2.0 and rules.min_slices == 5
+    assert rules.source == str(rules_file)
+    assert decide(SeriesSpec(slices=6, description="special protocol"), settings).qualified
+    assert decide(thick, settings).reason is ReasonCode.NOT_CERVICAL
+
+
+def test_enhanced_ct_frames_count_as_slices(settings: Settings) -> None:
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import EnhancedCTImageStorage
+
+    ds = ct_dataset(SeriesSpec(sop_class_uid=EnhancedCTImageStorage), 0, with_pixels=False)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                    "PixelSpacing"):
+        delattr(ds, keyword)
+    shared = Dataset()
+    orientation, measures = Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    measures.SliceThickness = 0.8
+    measures.PixelSpacing = [0.4, 0.4]
+    shared.PlaneOrientationSequence = Seq([orientation])
+    shared.PixelMeasuresSequence = Seq([measures])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    frames = []
+    for k in range(50):
+        frame, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [0, 0, -0.8 * k]
+        frame.PlanePositionSequence = Seq([position])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Seq(frames)
+    ds.NumberOfFrames = 50
+    decision = evaluate([ds], load_rules(settings))
+    assert decision.qualified, decision.detail
+    assert decision.metrics["slices"] == 50
+    assert decision.metrics["thickness_mm"] == 0.8
+
+
+def test_preference_bone_kernel_then_thin_then_many() -> None:
+    soft_thin = {"bone_kernel": False, "thickness_mm": 0.6, "slices": 400}
+    bone_thick = {"bone_kernel": True, "thickness_mm": 2.0, "slices": 100}
+    bone_thin = {"bone_kernel": True, "thickness_mm": 1.0, "slices": 200}
+    bone_thin_more = {"bone_kernel": True, "thickness_mm": 1.0, "slices": 250}
+    ranked = sorted([soft_thin, bone_thick, bone_thin, bone_thin_more], key=preference_key)
+    assert ranked == [bone_thin_more, bone_thin, bone_thick, soft_thin]
+
+
+def test_real_scanner_series_is_decided_with_a_reason(real_ct_dir: Path,
+                                                      settings: Settings) -> None:
+    from pydicom import dcmread
+
+    datasets = [dcmread(p, stop_before_pixels=True) for p in sorted(real_ct_dir.glob("*.dcm"))]
+    decision = evaluate(datasets, load_rules(settings))
+    # A head-and-neck planning CT with no descriptions: refused, with a reason, never a crash.
+    assert decision.reason is ReasonCode.NOT_CERVICAL
+    assert decision.metrics["modality"] == "CT"
