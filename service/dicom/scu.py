@@ -183,8 +183,10 @@ def send_datasets(destination: PacsDestination, datasets: Sequence[Dataset], *,
         raise ExportError(f"{destination.label}: {exc}", transient=True) from exc
     if not assoc.is_established:
         primitive = received.get("primitive")
-        if assoc.is_rejected and primitive is not None:
-            result = getattr(primitive, "result", None)
+        result = getattr(primitive, "result", None)
+        # Trust a received A-ASSOCIATE-RJ even when the peer's immediate close was processed
+        # first and flagged the association as aborted.
+        if primitive is not None and result in (0x01, 0x02):
             reason = f"{primitive.result_str}, {primitive.source_str}: {primitive.reason_str}"
             raise ExportError(f"{destination.label}: association rejected ({reason})",
                               transient=result == 0x02)
