@@ -75,6 +75,9 @@ class Carve:
     margin_mm: float = 0.0
     sclerosis_hu: float = 0.0
     truth: str | None = None
+    corticate: bool = True
+    """True: the new bone surface gets a cortex (foramina, clefts, surgical defects: all
+    remodelled, smooth edges). False: raw trabecular edges, as in an acute fracture."""
 
 
 @dataclass
@@ -130,15 +133,73 @@ class BoneObject:
 
 @dataclass
 class Rendered:
-    """A bone's contribution inside ``box``: blend ``bone_hu`` with weight ``fraction``."""
+    """A bone's contribution: at the flat volume indices ``index`` blend ``bone_hu`` with
+    weight ``fraction`` (sparse: only voxels near the bone are listed)."""
 
     name: str
     label: int
-    box: Box
+    index: np.ndarray
     fraction: np.ndarray
     bone_hu: np.ndarray
-    fill: list[tuple[Box, np.ndarray, float]]
+    fill: list[tuple[np.ndarray, np.ndarray, float]]
     truth: dict[str, Extent]
+
+
+class _Points:
+    """The voxels of a box that are close enough to the bone to matter, as 1-D arrays
+    sorted by flat index (so a z range is a contiguous slice)."""
+
+    def __init__(self, box: Box, mask: np.ndarray, coords_of: object) -> None:
+        flat = np.flatnonzero(mask)
+        self.box = box
+        self.iz, self.iy, self.ix = np.unravel_index(flat, mask.shape)
+        self.shape = mask.shape
+        self.coords: Coords = coords_of(self.iz, self.iy, self.ix)  # type: ignore[operator]
+
+    def __len__(self) -> int:
+        return int(self.iz.size)
+
+    def select(self, sub: tuple[slice, slice, slice]) -> np.ndarray | slice:
+        """Indices of the points inside ``sub`` (slices relative to the box)."""
+        a = int(np.searchsorted(self.iz, sub[0].start, side="left"))
+        b = int(np.searchsorted(self.iz, sub[0].stop, side="left"))
+        if (sub[1].start <= 0 and sub[1].stop >= self.shape[1] and sub[2].start <= 0
+                and sub[2].stop >= self.shape[2]):
+            return slice(a, b)
+        iy, ix = self.iy[a:b], self.ix[a:b]
+        inside = ((iy >= sub[1].start) & (iy < sub[1].stop)
+                  & (ix >= sub[2].start) & (ix < sub[2].stop))
+        if inside.all():
+            return slice(a, b)
+        return a + np.flatnonzero(inside)
+
+    def take(self, sel: np.ndarray | slice) -> Coords:
+        return self.coords[0][sel], self.coords[1][sel], self.coords[2][sel]
+
+    def flat_global(self, sel: np.ndarray | slice, grid: Grid) -> np.ndarray:
+        _, ny, nx = grid.shape
+        z = self.iz[sel].astype(np.int64) + self.box[0].start
+        y = self.iy[sel].astype(np.int64) + self.box[1].start
+        x = self.ix[sel].astype(np.int64) + self.box[2].start
+        return (z * ny + y) * nx + x
+
+    def extent(self, sel: np.ndarray | slice, hit: np.ndarray) -> Extent:
+        """Per-slice boxes (whole-volume indices) of the selected points where ``hit``."""
+        ext = Extent()
+        if not hit.any():
+            return ext
+        z = self.iz[sel][hit] + self.box[0].start
+        y = self.iy[sel][hit] + self.box[1].start
+        x = self.ix[sel][hit] + self.box[2].start
+        order = np.argsort(z, kind="stable")
+        z, y, x = z[order], y[order], x[order]
+        starts = np.flatnonzero(np.r_[True, z[1:] != z[:-1]])
+        for zz, y0, x0, y1, x1 in zip(z[starts], np.minimum.reduceat(y, starts),
+                                      np.minimum.reduceat(x, starts),
+                                      np.maximum.reduceat(y, starts),
+                                      np.maximum.reduceat(x, starts), strict=True):
+            ext.add_box(int(zz), int(y0), int(x0), int(y1) + 1, int(x1) + 1)
+        return ext
 
 
 def _sub_box(obj: BoneObject, grid: Grid, box: Box, shape: Shape,
@@ -221,86 +282,152 @@ def _texture(p: Coords, seed: int, amplitude: float) -> np.ndarray:
     return out
 
 
+BLOCK_MM = 3.0
+"""Edge of the blocks used to skip empty space: a block is evaluated voxel by voxel only
+when the shape's distance at its centre says bone may be inside."""
+
+
+def _active_mask(obj: BoneObject, grid: Grid, box: Box, edge_mm: float) -> np.ndarray:
+    """Boolean mask over ``box``: voxels in blocks that may hold bone (conservative)."""
+    shape = tuple(b.stop - b.start for b in box)
+    step = [max(1, int(round(BLOCK_MM / grid.spacing[a]))) for a in range(3)]
+    nb = [-(-shape[a] // step[a]) for a in range(3)]
+    centers = []
+    for a in range(3):
+        idx = box[a].start + np.minimum(np.arange(nb[a]) * step[a] + 0.5 * (step[a] - 1),
+                                        shape[a] - 1)
+        lps_index = 2 - a
+        centers.append((grid.origin[lps_index] + idx * grid.spacing[a]).astype(np.float32))
+    dz = centers[0][:, None, None] - np.float32(obj.center[2])
+    dy = centers[1][None, :, None] - np.float32(obj.center[1])
+    dx = centers[2][None, None, :] - np.float32(obj.center[0])
+    r = obj.rot.astype(np.float32)
+    coords: Coords = tuple(  # type: ignore[assignment]
+        (r[0, k] * dx + r[1, k] * dy + r[2, k] * dz).astype(np.float32) for k in range(3))
+    for warp in obj.warps:
+        coords = warp(coords)
+    d = np.full(coords[0].shape, np.float32(1e3), dtype=np.float32)
+    for part in obj.parts:
+        np.minimum(d, part.sdf(coords), out=d)
+    for carve in obj.carves:
+        if carve.fill_hu is None and carve.margin_mm == 0:
+            np.maximum(d, -carve.shape.sdf(coords), out=d)
+    for addition in obj.additions:
+        np.minimum(d, addition.sdf(coords), out=d)
+    half_diag = 0.5 * float(np.sqrt(sum((step[a] * grid.spacing[a]) ** 2 for a in range(3))))
+    active = d < np.float32(1.5 * half_diag + edge_mm + obj.warp_margin_mm + 0.5)
+    full = active.repeat(step[0], 0).repeat(step[1], 1).repeat(step[2], 2)
+    return full[:shape[0], :shape[1], :shape[2]]
+
+
 def render_bone(obj: BoneObject, grid: Grid, edge_mm: float) -> Rendered | None:
     """Evaluate one bone on ``grid``. Pure (reads nothing global): safe to run in threads."""
     lo, hi = obj.local_bounds()
     box = grid.box_of(*obj.world_box(lo, hi))
     if box is None:
         return None
-    zs, ys, xs = (grid.axis(a)[box[a]] for a in range(3))
-    dx = xs[None, None, :] - np.float32(obj.center[0])
-    dy = ys[None, :, None] - np.float32(obj.center[1])
-    dz = zs[:, None, None] - np.float32(obj.center[2])
+    mask = _active_mask(obj, grid, box, edge_mm)
+    if not mask.any():
+        return None
+    axes = [grid.axis(a)[box[a]] for a in range(3)]
     r = obj.rot.astype(np.float32)
-    coords: Coords = tuple(  # type: ignore[assignment]
-        (r[0, k] * dx + r[1, k] * dy + r[2, k] * dz).astype(np.float32, copy=False)
-        for k in range(3))
+    c = obj.center.astype(np.float32)
+
+    def coords_of(iz: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> Coords:
+        dx = axes[2][ix] - c[0]
+        dy = axes[1][iy] - c[1]
+        dz = axes[0][iz] - c[2]
+        return tuple(r[0, k] * dx + r[1, k] * dy + r[2, k] * dz  # type: ignore[return-value]
+                     for k in range(3))
+
+    pts = _Points(box, mask, coords_of)
     for warp in obj.warps:
-        coords = warp(coords)
-    shape3 = coords[0].shape
-    big = np.float32(1e3)
-    d = np.full(shape3, big, dtype=np.float32)
+        pts.coords = warp(pts.coords)
+    n = len(pts)
+    d = np.full(n, np.float32(1e3), dtype=np.float32)
     pad = obj.warp_margin_mm + edge_mm + 0.5
 
-    def sub_coords(sub: tuple[slice, slice, slice]) -> Coords:
-        return coords[0][sub], coords[1][sub], coords[2][sub]
+    def evaluate(shape: Shape, extra: float = 0.0) -> tuple[np.ndarray | slice, np.ndarray] | None:
+        sub = _sub_box(obj, grid, box, shape, pad + extra)
+        if sub is None:
+            return None
+        sel = pts.select(sub)
+        if isinstance(sel, np.ndarray) and sel.size == 0:
+            return None
+        return sel, shape.sdf(pts.take(sel))
 
     for part in obj.parts:
-        sub = _sub_box(obj, grid, box, part, pad)
-        if sub is not None:
-            np.minimum(d[sub], part.sdf(sub_coords(sub)), out=d[sub])
+        found = evaluate(part)
+        if found is not None:
+            sel, ds = found
+            d[sel] = np.minimum(d[sel], ds)
 
     truth: dict[str, Extent] = {}
-    sclerosis = np.zeros(shape3, dtype=np.float32)
-    fills: list[tuple[Box, np.ndarray, float]] = []
+    d_cortex: np.ndarray | None = None  # distance used for cortex where acute carves exist
+    sclerosis = np.zeros(n, dtype=np.float32)
+    fills: list[tuple[np.ndarray, np.ndarray, float]] = []
     for carve in obj.carves:
-        sub = _sub_box(obj, grid, box, carve.shape, pad + carve.margin_mm)
-        if sub is None:
+        found = evaluate(carve.shape, carve.margin_mm)
+        if found is None:
             continue
-        dc = carve.shape.sdf(sub_coords(sub))
-        dsub = d[sub]
+        sel, dc = found
+        dsub = d[sel]
         if carve.truth:
-            truth.setdefault(carve.truth, Extent()).add_mask((dsub < 0) & (dc < 0), box, sub)
+            truth.setdefault(carve.truth, Extent()).merge(pts.extent(sel, (dsub < 0) & (dc < 0)))
         if carve.margin_mm > 0:
             rim = np.clip(1.0 - dc / np.float32(carve.margin_mm), 0, 1) * (dc > -edge_mm)
-            np.maximum(sclerosis[sub], rim * np.float32(carve.sclerosis_hu), out=sclerosis[sub])
-        np.maximum(dsub, -dc, out=dsub)
+            sclerosis[sel] = np.maximum(sclerosis[sel], rim * np.float32(carve.sclerosis_hu))
+        if not carve.corticate and d_cortex is None:
+            d_cortex = d.copy()
+        d[sel] = np.maximum(dsub, -dc)
+        if carve.corticate and d_cortex is not None:
+            d_cortex[sel] = np.maximum(d_cortex[sel], -dc)
         if carve.fill_hu is not None:
             weight = np.clip(0.5 - dc / np.float32(edge_mm), 0, 1)
-            absolute = tuple(slice(b.start + s.start, b.start + s.stop)
-                             for b, s in zip(box, sub, strict=True))
-            fills.append((absolute, weight, carve.fill_hu))  # type: ignore[arg-type]
+            keep = weight > 0
+            fills.append((pts.flat_global(sel, grid)[keep], weight[keep], carve.fill_hu))
     for addition in obj.additions:
-        sub = _sub_box(obj, grid, box, addition, pad)
-        if sub is not None:
-            np.minimum(d[sub], addition.sdf(sub_coords(sub)), out=d[sub])
+        found = evaluate(addition)
+        if found is not None:
+            sel, ds = found
+            d[sel] = np.minimum(d[sel], ds)
+            if d_cortex is not None:
+                d_cortex[sel] = np.minimum(d_cortex[sel], ds)
     for scl in obj.scleroses:
-        sub = _sub_box(obj, grid, box, scl.shape, pad)
-        if sub is None:
+        found = evaluate(scl.shape)
+        if found is None:
             continue
-        ds = scl.shape.sdf(sub_coords(sub))
+        sel, ds = found
         weight = np.clip(0.5 - ds / np.float32(edge_mm), 0, 1)
         if scl.truth:
-            truth.setdefault(scl.truth, Extent()).add_mask((weight > 0.5) & (d[sub] < 0),
-                                                           box, sub)
-        np.maximum(sclerosis[sub], weight * np.float32(scl.hu), out=sclerosis[sub])
+            truth.setdefault(scl.truth, Extent()).merge(
+                pts.extent(sel, (weight > 0.5) & (d[sel] < 0)))
+        sclerosis[sel] = np.maximum(sclerosis[sel], weight * np.float32(scl.hu))
 
+    near = np.flatnonzero(d < np.float32(0.5 * edge_mm))
+    depth = -(d_cortex[near] if d_cortex is not None else d[near])
+    d = d[near]
     fraction = np.clip(np.float32(0.5) - d / np.float32(edge_mm), 0, 1)
-    depth = -d
     cortex_w = np.clip(np.float32(0.5) + (np.float32(obj.cortex_mm) - depth)
                        / np.float32(edge_mm), 0, 1)
-    cancellous = _texture(coords, obj.texture_seed, obj.texture_hu)
+    local = (pts.coords[0][near], pts.coords[1][near], pts.coords[2][near])
+    cancellous = _texture(local, obj.texture_seed, obj.texture_hu)
     cancellous += np.float32(obj.cancellous_hu)
-    bone = cancellous + cortex_w * (np.float32(obj.cortex_hu) - cancellous) + sclerosis
-    return Rendered(obj.name, obj.label, box, fraction, bone, fills, truth)
+    bone = cancellous + cortex_w * (np.float32(obj.cortex_hu) - cancellous) + sclerosis[near]
+    return Rendered(obj.name, obj.label, pts.flat_global(near, grid), fraction, bone, fills,
+                    truth)
 
 
-def composite(rendered: Rendered, hu: np.ndarray, labels: np.ndarray) -> None:
-    """Blend a rendered bone into the volume in place (call in a fixed order)."""
-    view = hu[rendered.box]
-    view += rendered.fraction * (rendered.bone_hu - view)
-    mask = rendered.fraction >= 0.5
-    labels[rendered.box][mask] = rendered.label
-    for box, weight, value in rendered.fill:
-        v = hu[box]
+def composite(rendered: Rendered, hu: np.ndarray, labels: np.ndarray | None) -> None:
+    """Blend a rendered bone into the volume in place (call in a fixed order). A negative
+    label (metal) leaves the labels untouched."""
+    flat = hu.reshape(-1)
+    values = flat[rendered.index]
+    values += rendered.fraction * (rendered.bone_hu - values)
+    flat[rendered.index] = values
+    if labels is not None and rendered.label >= 0:
+        labels.reshape(-1)[rendered.index[rendered.fraction >= 0.5]] = rendered.label
+    for index, weight, value in rendered.fill:
+        v = flat[index]
         v += weight * (np.float32(value) - v)
+        flat[index] = v

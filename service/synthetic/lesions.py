@@ -171,7 +171,7 @@ def apply_fracture(obj: BoneObject, parts: VertebraParts, geo: SpineGeometry, le
     else:  # pragma: no cover - enum is exhaustive
         raise ValueError(f"unknown fracture type {ftype}")
     obj.carves.append(Carve(Slab(tuple(slab_point), tuple(normal), half, radius),  # type: ignore
-                            truth=key))
+                            truth=key, corticate=False))
     if shift_mag > 0.05:
         in_plane = _unit(np.cross(normal, rng.normal(size=3)))
         mix = float(rng.uniform(0.0, 0.4))
@@ -186,7 +186,7 @@ def apply_fracture(obj: BoneObject, parts: VertebraParts, geo: SpineGeometry, le
         theta = math.atan2(rel[1] / (21.5 * s), rel[0] / (18.5 * s))
         n2 = _perturb(np.array([-18.5 * math.sin(theta), 21.5 * math.cos(theta), 0.0]), rng, 10)
         obj.carves.append(Carve(Slab(tuple(other), tuple(n2), half, 6.5 * s),  # type: ignore
-                                truth=key))
+                                truth=key, corticate=False))
     return shift_mag
 
 

@@ -410,8 +410,10 @@ def _metal_objects(geo: spine.SpineGeometry, rng: np.random.Generator) -> list[B
 
 
 def _composite_metal(r: Rendered, hu: np.ndarray) -> None:
-    view = hu[r.box]
-    view += r.fraction * (np.float32(3071.0) - view)
+    flat = hu.reshape(-1)
+    values = flat[r.index]
+    values += r.fraction * (np.float32(3071.0) - values)
+    flat[r.index] = values
 
 
 def _metal_artifact(hu: np.ndarray, grid: Grid, rng: np.random.Generator,

@@ -112,19 +112,23 @@ class Capsule(Shape):
         pu, pv, pw = p[0] - ax, p[1] - ay, p[2] - az
         t = np.clip((pu * du + pv * dv + pw * dw) / np.float32(length2), 0.0, 1.0)
         qu, qv, qw = pu - t * du, pv - t * dv, pw - t * dw
+        r = np.float32(self.ra) + t * np.float32(self.rb - self.ra)
         if self.flatten != 1.0:
+            # Elliptical cross-section: half-size r, and r * flatten along the flat axis.
+            # The distance is scaled back along the ray so cortex depth stays in mm.
             fa = np.asarray(self.flat_axis, dtype=np.float64)
             fa = fa - d * (fa @ d) / length2
             fa /= max(float(np.linalg.norm(fa)), 1e-9)
             fu, fv, fw = (np.float32(x) for x in fa)
             along = qu * fu + qv * fv + qw * fw
-            k = np.float32(1.0 / self.flatten - 1.0)
-            qu, qv, qw = qu + k * along * fu, qv + k * along * fv, qw + k * along * fw
-            dist = np.sqrt(qu * qu + qv * qv + qw * qw) * np.float32(self.flatten)
-        else:
-            dist = np.sqrt(qu * qu + qv * qv + qw * qw)
-        r = np.float32(self.ra) + t * np.float32(self.rb - self.ra)
-        return dist - r
+            q2 = qu * qu + qv * qv + qw * qw
+            a2 = along * along
+            inv_f2 = np.float32(1.0 / self.flatten ** 2)
+            stretched = q2 + a2 * (inv_f2 - 1)
+            eps = np.float32(0.01)  # mm^2: on the axis the direction is undefined
+            gain = np.sqrt((q2 + eps) / (stretched + eps))
+            return (np.sqrt(stretched) - r) * gain
+        return np.sqrt(qu * qu + qv * qv + qw * qw) - r
 
     def bounds(self) -> tuple[Vec, Vec]:
         r = max(self.ra, self.rb) + 0.5

@@ -184,24 +184,36 @@ def paint_slice(img: np.ndarray, z: float, xs: np.ndarray, ys: np.ndarray,
                              (h.c1, 6.0), (h.skull + 20, -8.0), (h.skull + 80, -10.0)])
     cy = by + center_off
     fat = p.fat_mm
+    # Floor of the mouth and submandibular region: the face in front of the upper neck.
+    face = _interp(z, [(h.c4, 0.0), (h.c3, 0.75), (h.c2, 1.0), (h.skull + 25, 1.0),
+                       (h.skull + 45, 0.0)])
+    face_c = by - 52.0 * s
+    face_w, face_d = 47.0 * s * face, 42.0 * s * face
     painter.ellipse(bx, cy, half_w, half_d, p.fat_hu)
+    if face > 0.05:
+        painter.ellipse(bx, face_c, face_w + fat, face_d + fat, p.fat_hu)
     painter.ellipse(bx, cy + 0.5 * p.posterior_fat_extra_mm, half_w - fat,
                     half_d - fat - 0.5 * p.posterior_fat_extra_mm, p.muscle_hu)
-    # Posterior intermuscular fat planes (trapezius / splenius / semispinalis).
+    if face > 0.05:
+        painter.ellipse(bx, face_c, face_w, face_d, p.muscle_hu - 4)
+    # Posterior intermuscular fat planes (trapezius / splenius / semispinalis): thin,
+    # partial and slightly irregular, not concentric rings.
     spin_y = by + 30.0 * s
-    for k, (rx, ry) in enumerate(((24.0, 22.0), (34.0, 33.0), (44.0, 44.0))):
-        painter.ring(bx, spin_y, rx * s, ry * s, 1.2 + 0.4 * k, p.fat_hu * 0.8,
-                     y_min=spin_y + 2.0)
-    painter.ellipse(bx, by + 58.0 * s, 2.5, 25.0 * s, p.fat_hu * 0.7)  # nuchal septum fat
+    for k, (rx, ry, dy, th) in enumerate(((23.0, 19.0, 2.0, 1.1), (33.0, 30.0, -3.0, 0.9),
+                                          (45.0, 40.0, 5.0, 1.3))):
+        wobble = 1.0 + 0.06 * math.sin(0.05 * z + 1.7 * k)
+        painter.ring(bx, spin_y + dy, rx * s * wobble, ry * s, th, p.fat_hu * 0.6,
+                     y_min=spin_y + 4.0 + 3.0 * k)
+    painter.ellipse(bx, by + 60.0 * s, 1.6, 22.0 * s, p.fat_hu * 0.5)  # nuchal septum
     neck = h.t1 + 5 < z < h.skull + 5
     if neck:
         # Sternocleidomastoid muscles in fat, anterolateral.
-        scm_x = 0.72 * half_w
+        scm_x = min(0.62 * half_w, 0.62 * p.neck_half_width * 1.05)
         scm_y = by - 8.0 * s + _interp(z, [(h.c7, -26.0), (h.c4, -14.0), (h.c1, 6.0)])
         for side in (-1.0, 1.0):
-            painter.ellipse(bx + side * scm_x, scm_y, 10.0 * s, 17.0 * s, p.fat_hu,
+            painter.ellipse(bx + side * scm_x, scm_y, 7.5 * s, 14.0 * s, p.fat_hu * 0.7,
                             angle_deg=side * 35.0)
-            painter.ellipse(bx + side * scm_x, scm_y, 7.5 * s, 14.5 * s, p.muscle_hu + 3,
+            painter.ellipse(bx + side * scm_x, scm_y, 6.3 * s, 12.8 * s, p.muscle_hu + 3,
                             angle_deg=side * 35.0)
         # Carotid sheath: artery medial, jugular lateral, in a fat collar.
         for side in (-1.0, 1.0):
@@ -247,6 +259,13 @@ def paint_slice(img: np.ndarray, z: float, xs: np.ndarray, ys: np.ndarray,
         painter.ellipse(cx_c, cy_c + 0.5 * cb, 0.7 * ca, 0.45 * cb, p.fat_hu * 0.7)
         painter.ellipse(cx_c, cy_c, 0.95 * ca, 0.82 * cb, HU.csf)
         painter.ellipse(cx_c, cy_c - 0.12 * cb, 0.5 * ca, 0.55 * cb, HU.cord)
+    # Brain (cerebellum, brainstem) inside the posterior fossa, above the foramen magnum.
+    sk = geo.skull
+    fossa = sk.to_world((0.0, 30.0 * s, 42.0 * s))
+    fz = (z - float(fossa[2])) / (30.0 * s)
+    if abs(fz) < 1.0:
+        r = math.sqrt(1.0 - fz * fz)
+        painter.ellipse(float(fossa[0]), float(fossa[1]), 45.0 * s * r, 41.5 * s * r, HU.brain)
     # Lung apices below the first ribs.
     if shoulders and z < h.t1 + 6:
         t1 = geo.levels["T1"]

@@ -295,7 +295,7 @@ def subaxial_parts(geo: SpineGeometry, name: str, rng: np.random.Generator) -> V
         parts.landmarks["pedicle_" + ("l" if side > 0 else "r")] = tuple(  # type: ignore
             0.5 * (x + y) for x, y in zip(ped_a, ped_b, strict=True))
         parts.pillars.append(ShearedBox((side * pillar_u, pillar_v, -1.0 * s),
-                                        (4.3 * s, 5.2 * s, pillar_h), shear, radius=1.6 * s))
+                                        (4.4 * s, 5.4 * s, pillar_h), shear, radius=2.8 * s))
         parts.landmarks["facet_joint_" + ("l" if side > 0 else "r")] = (
             side * pillar_u, pillar_v, -1.0 * s - pillar_h - 0.9 * s)
         lam_a = (side * (ca + 0.8 * s), canal_back - 1.5 * s, -0.5 * s)
@@ -338,7 +338,7 @@ def subaxial_parts(geo: SpineGeometry, name: str, rng: np.random.Generator) -> V
     length, drop = (x * s for x in SPINOUS[name])
     sp_a = (0.0, canal_back + 2.2 * s, -1.5 * s)
     sp_b = (0.0, canal_back + 2.2 * s + length, -1.5 * s - drop)
-    parts.spinous.append(Capsule(sp_a, sp_b, 4.0 * s, 2.6 * s, flatten=0.55,
+    parts.spinous.append(Capsule(sp_a, sp_b, 5.0 * s, 3.2 * s, flatten=0.5,
                                  flat_axis=(1.0, 0.0, 0.0)))
     if name in ("C3", "C4", "C5", "C6") and rng.random() < 0.85:
         for side in (-1.0, 1.0):
@@ -370,9 +370,13 @@ def c2_parts(geo: SpineGeometry, rng: np.random.Generator) -> VertebraParts:
                                       (5.6 * s, 7.0 * s, 3.6 * s),
                                       rotation(0.0, side * 18.0, 0.0), radius=1.8 * s))
         # Pedicle / pars interarticularis down to the inferior articular process.
-        ped_a, ped_b = (side * 8.0 * s, 5.0 * s, c - 2.0 * s), \
-            (side * (ca + 2.0 * s), b + cb + 1.0 * s, -3.0 * s)
-        parts.pedicles.append(Capsule(ped_a, ped_b, 3.8 * s, 3.4 * s))
+        ped_a, ped_b = (side * 6.5 * s, b - 2.0 * s, 0.3 * c), \
+            (side * (ca + 3.0 * s), b + cb + 0.5 * s, -0.5 * c)
+        parts.pedicles.append(Capsule(ped_a, ped_b, 4.2 * s, 3.8 * s, flatten=0.8,
+                                      flat_axis=(1.0, 0.0, 0.0)))
+        parts.pedicles.append(Capsule((side * 6.0 * s, b - 2.5 * s, -0.35 * c),
+                                      (side * (ca + 2.0 * s), b + cb, -0.75 * c),
+                                      3.2 * s, 3.2 * s, flatten=0.8, flat_axis=(1.0, 0.0, 0.0)))
         parts.landmarks["pedicle_" + lab] = tuple(  # type: ignore[assignment]
             0.5 * (x + y) for x, y in zip(ped_a, ped_b, strict=True))
         parts.pillars.append(ShearedBox((side * (ca + 4.2 * s), b + cb + 1.5 * s,
@@ -490,8 +494,7 @@ def skull_base_objects(geo: SpineGeometry, rng: np.random.Generator) -> list[Bon
                           clivus_rot, radius=3.0 * s))
     carves = [
         # Inside of the posterior fossa (brain), then the foramen magnum.
-        Carve(Ellipsoid((0.0, 30.0 * s, 42.0 * s), (45.0 * s, 41.5 * s, 30.5 * s)),
-              fill_hu=34.0),
+        Carve(Ellipsoid((0.0, 30.0 * s, 42.0 * s), (45.0 * s, 41.5 * s, 30.5 * s))),
         Carve(Ellipsoid((0.0, 12.0 * s, 8.0 * s), (15.5 * s, 19.0 * s, 20.0 * s)),
               fill_hu=None),
     ]
@@ -519,27 +522,20 @@ def mandible_hyoid_objects(geo: SpineGeometry, rng: np.random.Generator) -> list
     # Mandible: horseshoe opening backwards at the level of C2, rami rising to the skull.
     center = c2.to_world((0.0, -22.0 * s, -2.0 * s))
     rot = c2.rot @ rotation(0.0, 0.0, -8.0)
-    body = Ring((0.0, 0.0, 0.0), 44.0 * s, 56.0 * s, 5.5 * s, 14.0 * s,
-                math.radians(170), math.radians(370), rot=None)
-    teeth = Ring((0.0, 0.0, 15.0 * s), 42.0 * s, 53.0 * s, 4.0 * s, 4.5 * s,
-                 math.radians(180), math.radians(360))
-    rami = [Capsule((side * 43.0 * s, -2.0 * s, -2.0 * s), (side * 46.0 * s, 14.0 * s,
-                                                            42.0 * s),
-                    9.0 * s, 7.0 * s, flatten=0.32, flat_axis=(1.0, 0.0, 0.0))
-            for side in (-1.0, 1.0)]
+    body = Ring((0.0, 0.0, 0.0), 44.0 * s, 56.0 * s, 5.0 * s, 13.0 * s,
+                math.radians(172), math.radians(368), rot=None)
+    rami = [RoundBox((side * 45.0 * s, 5.0 * s, 22.0 * s), (3.2 * s, 14.0 * s, 27.0 * s),
+                     rotation(0.0, 0.0, -12.0), radius=2.5 * s) for side in (-1.0, 1.0)]
     mandible = BoneObject("mandible", 0, center, rot, [body, *rami], cortex_hu=cortex,
                           cancellous_hu=geo.bone.cancellous + 150, cortex_mm=2.2,
                           texture_seed=int(rng.integers(1 << 30)))
-    teeth_obj = BoneObject("teeth", 0, center, rot, [teeth], cortex_hu=2600.0,
-                           cancellous_hu=1500.0, cortex_mm=1.2, texture_hu=120.0,
-                           texture_seed=int(rng.integers(1 << 30)))
     c3 = geo.levels["C3"]
     hyoid = BoneObject("hyoid", 0, c3.to_world((0.0, -30.0 * s, -1.0 * s)), c3.rot,
                        [Ring((0.0, 0.0, 0.0), 17.0 * s, 14.0 * s, 1.8 * s, 4.0 * s,
                              math.radians(200), math.radians(340))],
                        cortex_hu=geo.bone.cortex * 0.9, cancellous_hu=geo.bone.cancellous,
                        cortex_mm=0.8, texture_seed=int(rng.integers(1 << 30)))
-    return [mandible, teeth_obj, hyoid]
+    return [mandible, hyoid]
 
 
 def thorax_objects(geo: SpineGeometry, rng: np.random.Generator) -> list[BoneObject]:
