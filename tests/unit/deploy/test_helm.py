@@ -18,6 +18,7 @@ import yaml
 
 from service.cli import build_parser
 from service.config import Settings
+from service.queue import ANALYSIS_QUEUE, EXPORT_QUEUE
 
 from .common import (
     CHART_DIR,
@@ -182,6 +183,7 @@ def test_expected_objects(rendered: tuple[str, list[dict[str, Any]]]) -> None:
         ("ServiceAccount", "demo-cspine-triage"),
         (("Deployment", "demo-cspine-triage-worker-gpu") if variant == "gpu"
          else ("Deployment", "demo-cspine-triage-worker-cpu")),
+        ("Deployment", "demo-cspine-triage-worker-export"),
     }
     if variant == "gpu":
         expected |= {("Secret", "demo-cspine-triage-secrets"),
@@ -232,6 +234,7 @@ def test_gpu_and_cpu_workers() -> None:
     pod = gpu["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"].startswith("cspine-triage-gpu:")
+    assert container["args"] == ["worker", "--queues", ANALYSIS_QUEUE]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
         pod["tolerations"]
@@ -239,7 +242,14 @@ def test_gpu_and_cpu_workers() -> None:
     container = cpu["spec"]["template"]["spec"]["containers"][0]
     assert cpu["spec"]["replicas"] == 2
     assert container["image"].startswith("cspine-triage:")
+    assert container["args"] == ["worker", "--queues", ANALYSIS_QUEUE]
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    for docs in (objects(ci_values("gpu")), objects(ci_values("cpu"))):
+        export = by_kind(docs, "Deployment")["demo-cspine-triage-worker-export"]
+        container = export["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"].startswith("cspine-triage:")
+        assert container["args"] == ["worker", "--queues", EXPORT_QUEUE]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"]
     both = ci_values("cpu")
     both["workers"]["gpu"]["enabled"] = True
     names = set(by_kind(objects(both), "Deployment"))
@@ -471,3 +481,14 @@ def test_values_schema_covers_values_yaml() -> None:
                 walk(value, node["properties"][key], f"{path}{key}.")
 
     walk(chart_values(), schema, "")
+
+
+def test_queue_names_are_the_service_queues() -> None:
+    schema = load_yaml_strict((CHART_DIR / "values.schema.json").read_text())
+    workers = schema["properties"]["workers"]["properties"]
+    for variant in ("gpu", "cpu", "export"):
+        assert set(workers[variant]["properties"]["queues"]["items"]["enum"]) == \
+            {ANALYSIS_QUEUE, EXPORT_QUEUE}
+    values = chart_values()["workers"]
+    assert values["gpu"]["queues"] == values["cpu"]["queues"] == [ANALYSIS_QUEUE]
+    assert values["export"]["queues"] == [EXPORT_QUEUE]
