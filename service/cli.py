@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Parts that `triage serve` supervises, each run as `triage <name>` in its own process.
 # The SCP and the worker join this list as they land.
-SERVE_COMPONENTS: tuple[str, ...] = ("web", "scp")
+SERVE_COMPONENTS: tuple[str, ...] = ("web", "scp", "worker")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -61,6 +61,31 @@ def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
 
     uvicorn.run(create_app(settings), host=args.host or settings.web_host,
                 port=args.port or settings.web_port, log_level=settings.log_level.lower())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from service.queue import ANALYSIS_QUEUE, EXPORT_QUEUE
+    from service.worker import run_worker
+
+    queues = args.queues.split(",") if args.queues else [ANALYSIS_QUEUE, EXPORT_QUEUE]
+    run_worker(settings, queues=queues, concurrency=args.concurrency, pool=args.pool,
+               hostname=args.hostname)
+    return 0
+
+
+def cmd_analysis_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Admin: put a FAILED or NOT_ANALYZABLE analysis back on the queue."""
+    from service.db.session import make_engine, make_session_factory, session_scope
+    from service.queue import enqueue_analysis, get_celery
+    from service.worker import retry_analysis
+
+    engine = make_engine(settings.db_url)
+    with session_scope(make_session_factory(engine)) as session:
+        retry_analysis(session, args.analysis_id, actor=args.actor)
+    task_id = enqueue_analysis(get_celery(), args.analysis_id)
+    engine.dispose()
+    print(json.dumps({"analysis_id": args.analysis_id, "task_id": task_id}))
     return 0
 
 
@@ -161,6 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(handler=cmd_db_upgrade)
     db.add_parser("current", help="show current and head revisions") \
         .set_defaults(handler=cmd_db_current)
+
+    worker = sub.add_parser("worker", help="run a Celery worker (analysis and export queues)")
+    worker.add_argument("--queues", help="comma-separated queues (default: analysis,export)")
+    worker.add_argument("--concurrency", type=int)
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--hostname")
+    worker.set_defaults(handler=cmd_worker)
+
+    analysis = sub.add_parser("analysis", help="analyses").add_subparsers(dest="action",
+                                                                         required=True)
+    retry = analysis.add_parser("retry", help="re-queue a FAILED / NOT_ANALYZABLE analysis")
+    retry.add_argument("analysis_id", type=int)
+    retry.add_argument("--actor", default="admin-cli")
+    retry.set_defaults(handler=cmd_analysis_retry)
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="action",
                                                                       required=True)
