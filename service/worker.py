@@ -205,7 +205,7 @@ def _load_and_infer(ctx: WorkerContext, claim: _Claim) -> tuple[Any, Any, dict[s
     volume = load_series(claim.paths, ctx.settings)
     durations["load"] = time.perf_counter() - started
     runtime = get_runtime(ctx.settings)
-    findings = run_pipeline(volume, runtime, ctx.settings)
+    findings = run_pipeline(volume, runtime, ctx.settings, load_seconds=durations["load"])
     durations.update(findings.stage_durations)
     return volume, findings, durations
 
