@@ -31,8 +31,6 @@ from .common import (
     venv_tool,
 )
 
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (dev extra) not installed")
-
 SCHEMA_FILE = Path(__file__).with_name("compose-spec.json")
 TRIAGE_SERVICES = ("migrate", "scp", "worker", "worker-cpu", "web")
 LONG_RUNNING = ("scp", "worker", "worker-cpu", "web")
@@ -53,6 +51,7 @@ def _env_dict(environment: Any) -> dict[str, str]:
 
 
 def test_validates_against_compose_spec_schema(compose: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (dev extra) not installed")
     schema = json.loads(SCHEMA_FILE.read_text())
     validator = jsonschema.Draft7Validator(schema)
     errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.absolute_path))
@@ -61,6 +60,7 @@ def test_validates_against_compose_spec_schema(compose: dict[str, Any]) -> None:
 
 def test_schema_catches_a_broken_file(compose: dict[str, Any]) -> None:
     """The vendored schema is a real validator, not an accept-all."""
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema (dev extra) not installed")
     schema = json.loads(SCHEMA_FILE.read_text())
     broken = json.loads(json.dumps(compose))
     broken["services"]["scp"]["healthcheck"]["interval"] = ["30s"]
