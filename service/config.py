@@ -219,6 +219,19 @@ class Settings(BaseSettings):
             ipaddress.ip_network(item, strict=False)
         return value
 
+    @field_validator("dicom_timezone")
+    @classmethod
+    def _timezone_known(cls, value: str) -> str:
+        if value.strip().upper() in ("UTC", "Z", "GMT", "ETC/UTC"):
+            return value
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except Exception as exc:  # ZoneInfoNotFoundError is a KeyError, not a ValueError
+            raise ValueError(f"unknown timezone {value!r}: {exc}") from exc
+        return value
+
     @field_validator("uid_root")
     @classmethod
     def _uid_root_form(cls, value: str) -> str:

@@ -202,6 +202,9 @@ def resample_stack(
     is_integer = np.issubdtype(source.dtype, np.integer)
     info = np.iinfo(source.dtype) if is_integer else None
     centre_offset = plane[(rows // 2) * cols + cols // 2]
+    if _same_plane_grid(positions, normal, row_dir, col_dir, pixel_spacing, grid):
+        # Uneven spacing only: every output slice is a blend of two whole source slices.
+        return _blend_slices(source, sigma, grid, fill=fill)
     for j in range(out_z):
         points = grid.origin + j * dz_out * grid.normal + plane
         s = points @ normal
@@ -224,4 +227,51 @@ def resample_stack(
         centre = grid.origin + j * dz_out * grid.normal + centre_offset
         nearest[j] = int(np.clip(np.rint(np.interp(centre @ normal, sigma, indices)), 0,
                                  count_src - 1))
+    return out, nearest
+
+
+def _same_plane_grid(
+    positions: np.ndarray,
+    normal: np.ndarray,
+    row_dir: np.ndarray,
+    col_dir: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    grid: TargetGrid,
+) -> bool:
+    """True when the grid keeps the source's planes and pixel lattice (no shear, same axes)."""
+    if not (np.allclose(grid.normal, normal, atol=1e-9) and np.allclose(grid.row_dir, row_dir,
+                                                                         atol=1e-9)):
+        return False
+    if not np.allclose(grid.spacing[1:], pixel_spacing, rtol=1e-9):
+        return False
+    offsets = positions - grid.origin
+    dy, dx = pixel_spacing
+    shift = np.stack([offsets @ col_dir / dy, offsets @ row_dir / dx])
+    return bool(np.abs(shift).max() < 1e-3)
+
+
+def _blend_slices(source: np.ndarray, sigma: np.ndarray, grid: TargetGrid, *,
+                  fill: float) -> tuple[np.ndarray, np.ndarray]:
+    count_src = source.shape[0]
+    indices = np.arange(count_src, dtype=np.float64)
+    half_step = 0.5 * float(np.median(np.diff(sigma)))
+    out = np.empty(grid.shape, dtype=source.dtype)
+    nearest = np.empty(grid.shape[0], dtype=np.int64)
+    info = np.iinfo(source.dtype) if np.issubdtype(source.dtype, np.integer) else None
+    start = float(grid.origin @ grid.normal)
+    for j in range(grid.shape[0]):
+        s = start + j * grid.spacing[0]
+        frac = float(np.interp(s, sigma, indices))
+        lower = min(int(np.floor(frac)), count_src - 2)
+        weight = np.float32(frac - lower)
+        nearest[j] = int(np.clip(round(frac), 0, count_src - 1))
+        if s < sigma[0] - half_step or s > sigma[-1] + half_step:
+            out[j] = fill
+            continue
+        value = source[lower].astype(np.float32) * (1 - weight)
+        value += source[lower + 1].astype(np.float32) * weight
+        if info is not None:
+            np.rint(value, out=value)
+            np.clip(value, info.min, info.max, out=value)
+        out[j] = value
     return out, nearest

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -404,10 +404,6 @@ class FrameDecoder:
     rescale) with unused high bits corrected, shape (rows, columns).
     """
 
-    def __init__(self) -> None:
-        self._handles: dict[Path, BinaryIO] = {}
-        self._fallback: dict[Path, Dataset] = {}
-
     def __enter__(self) -> FrameDecoder:
         return self
 
@@ -415,10 +411,8 @@ class FrameDecoder:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-        self._fallback.clear()
+        """Nothing is held between calls: each instance's file is opened and closed in
+        :meth:`iter_frames`, so a failed load leaves no descriptor behind."""
 
     def _options(self, instance: SourceInstance) -> dict[str, Any]:
         opts = as_pixel_options(instance.header)

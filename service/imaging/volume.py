@@ -126,14 +126,21 @@ class Volume:
 
 def load_series(paths: Sequence[Path], settings: Settings) -> Volume:
     """:func:`load_volume` with the limits and site timezone from the service settings."""
-    from zoneinfo import ZoneInfo
-
     return load_volume(
         paths,
         max_gantry_tilt_deg=settings.max_gantry_tilt_deg,
         min_slices=settings.min_slices,
-        default_timezone=ZoneInfo(settings.dicom_timezone),
+        default_timezone=site_timezone(settings.dicom_timezone),
     )
+
+
+def site_timezone(name: str) -> tzinfo:
+    """The tzinfo for an IANA name; "UTC" needs no timezone database (slim images lack one)."""
+    if name.strip().upper() in ("UTC", "Z", "GMT", "ETC/UTC"):
+        return UTC
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(name)
 
 
 def load_volume(

@@ -734,3 +734,14 @@ def test_volume_error_pickles() -> None:
     again = pickle.loads(pickle.dumps(error))
     assert again.reason is QcReason.MISSING_SLICES and again.detail == "gap"
     assert str(again) == "MISSING_SLICES: gap"
+
+
+def test_site_timezone_setting_is_validated(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    from service.imaging.volume import site_timezone
+
+    assert site_timezone("UTC") is UTC
+    assert site_timezone("Europe/Paris").utcoffset(datetime(2024, 7, 1)) == timedelta(hours=2)
+    with pytest.raises(ValidationError):
+        settings_factory(dicom_timezone="Mars/Olympus_Mons")
