@@ -88,25 +88,32 @@ def test_refused_destination_goes_retrying_then_failed(tmp_path: Path, sqlite_ur
 
 def test_rejected_association_fails_without_retry(tmp_path: Path, sqlite_url: str,
                                                   settings_factory) -> None:  # type: ignore[no-untyped-def]
+    """storescp --refuse answers A-ASSOCIATE-RJ (rejected permanent) and closes at once. The
+    close can overtake the RJ on loopback (the unread RJ is lost to the reset), which we can
+    only see as a transient failure: hence a few tries below, and "fewer tries than the
+    limit" rather than exactly one for the export."""
     with storescp(tmp_path / "scp", extra_args=("--refuse",)) as scp:
         settings = settings_factory(
-            database_url=sqlite_url, export_max_retries=3, export_retry_backoff_s=0,
+            database_url=sqlite_url, export_max_retries=5, export_retry_backoff_s=0,
             pacs_destinations=[PacsDestination(ae_title=scp.ae_title, host="127.0.0.1",
                                                port=scp.port)])
         study = analysed_study(settings)
-        with pytest.raises(ExportError) as info:
-            send_files(settings.pacs_destinations[0], [study.stored[ObjectKind.SR].path],
-                       settings=settings)
-        assert "rejected" in str(info.value) and "Permanent" in str(info.value)
-        assert not info.value.transient
+        errors: list[ExportError] = []
+        for _ in range(3):
+            with pytest.raises(ExportError) as info:
+                send_files(settings.pacs_destinations[0], [study.stored[ObjectKind.SR].path],
+                           settings=settings)
+            errors.append(info.value)
+            if not info.value.transient:
+                break
+        assert "rejected (Rejected Permanent" in str(errors[-1]), [str(e) for e in errors]
+        assert not errors[-1].transient
         export_analysis(study.session_factory, study.analysis_id, settings,
                         sleep=lambda s: None)
     rows = export_rows(study.session_factory, study.analysis_id)
     assert {r.state for r in rows} == {ExportState.FAILED}
-    # Permanent: not retried up to the limit of 3. (Rarely the peer's close after its
-    # A-ASSOCIATE-RJ reaches us before the RJ itself; that try counts as transient.)
-    assert all(r.attempts < 3 for r in rows)
-    assert all("rejected" in (r.last_error or "") for r in rows)
+    assert all(r.attempts < 5 for r in rows), [(r.attempts, r.last_error) for r in rows]
+    assert all("rejected" in (r.last_error or "") for r in rows), [r.last_error for r in rows]
 
 
 def test_labelmap_seg_refused_by_peer_fails_alone(tmp_path: Path, sqlite_url: str,
