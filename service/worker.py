@@ -47,6 +47,7 @@ from service.queue import (
     EXPORT_QUEUE,
     TASK_ANALYZE_SERIES,
     TASK_EXPORT_RESULT,
+    TASK_NOTIFY,
     enqueue_export,
     make_celery,
 )
@@ -316,7 +317,51 @@ def analyze(ctx: WorkerContext, analysis_id: int, *, task_id: str | None = None,
             (enqueue or (lambda i: enqueue_export(ctx.celery, i)))(analysis_id)
         except Exception:  # noqa: BLE001 - rows stay PENDING; `triage export retry` resends
             logger.exception("analysis %d: could not enqueue the export", analysis_id)
+    if ctx.settings.webhook_url or (ctx.settings.hl7_host and ctx.settings.hl7_port):
+        try:
+            ctx.celery.send_task(TASK_NOTIFY, args=[analysis_id], queue=EXPORT_QUEUE,
+                                 retry=False)
+        except Exception:  # noqa: BLE001 - the flag is on the worklist either way
+            logger.exception("analysis %d: could not enqueue the notification", analysis_id)
     return AnalysisState.DONE.value
+
+
+def notify_analysis(ctx: WorkerContext, analysis_id: int) -> dict[str, str | None]:
+    """Tell the RIS / webhook that the study was flagged; audited per channel.
+
+    Raises ``TransientError`` when a channel failed, so the task retries with backoff.
+    """
+    from service.worklist.notify import Notification, notify
+
+    with ctx.session_factory() as session:
+        analysis = session.get(Analysis, analysis_id)
+        if analysis is None or analysis.state is not AnalysisState.DONE:
+            return {}
+        study = analysis.series.study
+        sr = next((e.sop_instance_uid for e in analysis.exports if e.object_kind == "SR"),
+                  None)
+        notification = Notification(
+            study_instance_uid=study.study_instance_uid, priority=study.priority.value,
+            reason=study.priority_reason or "", patient_suspected=bool(analysis.suspected),
+            patient_probability=analysis.patient_probability,
+            flagged_at=analysis.flagged_at or utcnow(),
+            accession_number=study.accession_number, patient_id=study.patient_id,
+            patient_name=study.patient_name,
+            suspected_vertebrae=sorted(f.vertebra for f in analysis.findings if f.suspected),
+            model_version=analysis.model_version, sr_sop_instance_uid=sr)
+    outcome = notify(notification, ctx.settings, control_id=f"CSPT{analysis_id}")
+    with session_scope(ctx.session_factory) as session:
+        for channel, error in outcome.items():
+            record(session, "notify.sent" if error is None else "notify.failed",
+                   outcome="success" if error is None else "failure",
+                   actor=ctx.settings.ae_title,
+                   study_instance_uid=notification.study_instance_uid,
+                   details={"analysis_id": analysis_id, "channel": channel,
+                            **({"error": error[:300]} if error else {})})
+    failed = {c: e for c, e in outcome.items() if e}
+    if failed:
+        raise TransientError(f"notification failed: {failed}")
+    return outcome
 
 
 def export(ctx: WorkerContext, analysis_id: int) -> dict[str, str]:
@@ -410,6 +455,18 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     @app.task(name=TASK_EXPORT_RESULT, bind=True, acks_late=True, queue=EXPORT_QUEUE)
     def export_result(self: Task, analysis_id: int) -> dict[str, str]:
         return export(context(), analysis_id)
+
+    @app.task(name=TASK_NOTIFY, bind=True, acks_late=True, queue=EXPORT_QUEUE,
+              max_retries=settings.export_max_retries)
+    def notify_task(self: Task, analysis_id: int) -> dict[str, str | None]:
+        try:
+            return notify_analysis(context(), analysis_id)
+        except TransientError as exc:
+            if self.request.retries >= settings.export_max_retries:
+                logger.error("analysis %d: notification abandoned: %s", analysis_id, exc)
+                return {"error": str(exc)}
+            raise self.retry(exc=exc, countdown=settings.export_retry_backoff_s
+                             * 2 ** self.request.retries) from exc
 
     app.conf.worker_context_factory = context  # for tests and the CLI
     return app
