@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 LABELS_CSV = "train.csv"
 BOXES_CSV = "train_bounding_boxes.csv"
+LESIONS_CSV = "synthetic_lesions.csv"
+"""Not part of the RSNA layout: the synthetic writer's list of every fracture and mimic."""
 IMAGES_DIR = "train_images"
 SEGMENTATIONS_DIR = "segmentations"
 THORACIC_LABEL_MIN = 8
@@ -73,6 +75,16 @@ class SliceBox:
     height: float
 
 
+@dataclass(frozen=True)
+class Lesion:
+    """A ground-truth lesion of a synthetic study: a fracture or a mimic (not a fracture)."""
+
+    kind: str
+    """"fracture" or "mimic"."""
+    type: str
+    vertebra: str | None
+
+
 @dataclass
 class RsnaStudy:
     study_instance_uid: str
@@ -81,7 +93,9 @@ class RsnaStudy:
     segmentation: Path | None
     boxes: list[SliceBox] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)
-    """Extra columns of train.csv (the synthetic writer adds mimic and seed columns)."""
+    """Extra columns of train.csv, if any."""
+    lesions: list[Lesion] = field(default_factory=list)
+    """Synthetic ground truth (empty for real data)."""
 
     def dicom_paths(self) -> list[Path]:
         return study_dicom_paths(self.image_dir)
@@ -128,6 +142,16 @@ def read_boxes(path: Path) -> dict[str, list[SliceBox]]:
     return boxes
 
 
+def read_lesions(path: Path) -> dict[str, list[Lesion]]:
+    lesions: dict[str, list[Lesion]] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            lesions.setdefault(row["StudyInstanceUID"].strip(), []).append(Lesion(
+                kind=row["kind"].strip(), type=row["type"].strip(),
+                vertebra=(row.get("vertebra") or "").strip() or None))
+    return lesions
+
+
 def study_dicom_paths(image_dir: Path) -> list[Path]:
     """The study's DICOM files, ordered by the slice number in their names."""
     paths = [p for p in Path(image_dir).iterdir() if p.is_file() and p.suffix == ".dcm"]
@@ -149,6 +173,8 @@ class RsnaDataset:
         self.labels, self.extras = read_labels(labels_path)
         boxes_path = self.root / BOXES_CSV
         self.boxes = read_boxes(boxes_path) if boxes_path.is_file() else {}
+        lesions_path = self.root / LESIONS_CSV
+        self.lesions = read_lesions(lesions_path) if lesions_path.is_file() else {}
 
     def segmentation_path(self, uid: str) -> Path | None:
         for suffix in (".nii", ".nii.gz"):
@@ -165,6 +191,7 @@ class RsnaDataset:
             segmentation=self.segmentation_path(uid),
             boxes=list(self.boxes.get(uid, [])),
             extra=dict(self.extras.get(uid, {})),
+            lesions=list(self.lesions.get(uid, [])),
         )
 
     def uids(self) -> list[str]:

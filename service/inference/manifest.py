@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.imaging.preprocess import Window as PreWindow
+from service.inference.crops import StackSpec
 from service.inference.findings import VERTEBRAE
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class OnnxModel(_Strict):
 class Window(_Strict):
     """A CT display window in HU, mapped linearly onto [0, 1] and clipped."""
 
+    name: str
     width: float = Field(gt=0)
     level: float
 
@@ -89,8 +92,28 @@ class Preprocessing(_Strict):
     """Smallest in-plane side of a crop in mm (keeps tiny C1 arches in context)."""
     crop_z_margin_slices: int = Field(default=0, ge=0)
     """Extra source slices above and below the vertebra's segmented range."""
+    crop_subsamples: int = Field(default=1, ge=1)
+    """Sub-bins per slice bin (odd): the neighbour window is added at each off-centre one."""
+    crop_neighbour_window: int = Field(default=0, ge=0)
+    """Index into ``windows`` of the window sampled at the off-centre sub-bins."""
     mask_channel: bool = True
     """The classifier gets the vertebra's mask as a last channel."""
+
+    @property
+    def frac_channels(self) -> int:
+        return len(self.windows) + self.crop_subsamples - 1 + int(self.mask_channel)
+
+    def preprocess_windows(self) -> tuple[PreWindow, ...]:
+        """The windows as ``service.imaging.preprocess.Window`` values, in channel order."""
+        return tuple(PreWindow(w.name, width=w.width, level=w.level) for w in self.windows)
+
+    def stack_spec(self) -> StackSpec:
+        """The classifier crop parameters for ``service.inference.crops``."""
+        return StackSpec(
+            windows=self.preprocess_windows(), slices=self.crop_slices, size=self.crop_size,
+            subsamples=self.crop_subsamples, neighbour_window=self.crop_neighbour_window,
+            mask_channel=self.mask_channel, margin=self.crop_margin,
+            min_extent_mm=self.crop_min_extent_mm, z_margin_slices=self.crop_z_margin_slices)
 
     @field_validator("seg_classes")
     @classmethod
@@ -132,10 +155,14 @@ class ModelManifest(_Strict):
         if len(seg_in) != 5 or seg_in[1] != channels:
             raise ValueError(f"seg input must be (batch, {channels}, z, y, x), got {seg_in}")
         frac_in = self.frac.inputs[0].shape
-        frac_channels = channels + (1 if self.preprocessing.mask_channel else 0)
+        frac_channels = self.preprocessing.frac_channels
         if len(frac_in) != 5 or frac_in[2] != frac_channels:
             raise ValueError(
                 f"frac input must be (batch, slices, {frac_channels}, h, w), got {frac_in}")
+        try:
+            self.preprocessing.stack_spec()
+        except ValueError as exc:
+            raise ValueError(f"inconsistent crop parameters: {exc}") from exc
         size = self.preprocessing.crop_size
         if frac_in[3] not in (size, "height") or frac_in[4] not in (size, "width"):
             raise ValueError(f"frac input size {frac_in[3:]} disagrees with crop_size {size}")

@@ -1,0 +1,149 @@
+"""Turn RSNA-layout studies into the training cache (one ``.npz`` per study).
+
+Real data (a site's copy of the RSNA 2022 competition, or its own data in that layout)::
+
+    python -m models.prepare rsna DATASET_DIR --cache var/cache/train
+
+Synthetic data, written through the very same layout and readers, in chunks so that only a
+few studies' DICOM files exist at a time::
+
+    python -m models.prepare synthetic --seeds 1000:1400 --matrix 256 --cache var/cache/train
+
+``--keep-dicom DIR`` keeps the synthetic layout (the validation and test sets are evaluated
+from DICOM by ``triage evaluate``). Studies already in the cache are skipped, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from models.config import default_preprocessing
+from models.data import case_from_rsna, prepare_case, save_prepared
+from service.evaluation.rsna import RsnaDataset
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_rsna(root: Path, cache: Path, *, jitters: int, seed: int,
+                 progress: bool = True) -> int:
+    """Prepare every study of an RSNA-layout directory that has a segmentation."""
+    pre = default_preprocessing()
+    dataset = RsnaDataset(root)
+    done = 0
+    for i, study in enumerate(tqdm(list(dataset), desc="prepare", disable=not progress)):
+        target = cache / f"{study.study_instance_uid}.npz"
+        if target.exists():
+            continue
+        if study.segmentation is None:
+            logger.info("study %s has no segmentation; skipped", study.study_instance_uid)
+            continue
+        case = case_from_rsna(study)
+        save_prepared(target, prepare_case(case, pre, jitters=jitters, seed=seed * 100003 + i))
+        done += 1
+    return done
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``A:B`` (half-open range) or a comma list."""
+    if ":" in text:
+        a, b = text.split(":", 1)
+        return list(range(int(a), int(b)))
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters: int,
+                      chunk: int = 8, keep_dicom: Path | None = None,
+                      fracture_rate: float = 0.5, progress: bool = True) -> int:
+    """Generate phantoms by seed, write them in the RSNA layout, prepare them into ``cache``."""
+    from service.synthetic import generate_phantom, random_options, write_rsna_layout
+
+    pre = default_preprocessing()
+    done = 0
+    failed: list[int] = []
+    bar = tqdm(total=len(seeds), desc="synthetic", disable=not progress)
+    for start in range(0, len(seeds), chunk):
+        part = list(seeds[start:start + chunk])
+        if keep_dicom is not None:
+            layout = keep_dicom
+            temporary = None
+        else:
+            temporary = Path(tempfile.mkdtemp(prefix="cspine-synth-"))
+            layout = temporary
+        try:
+            phantoms, used = [], []
+            for s in part:
+                try:
+                    phantoms.append(generate_phantom(random_options(s, fracture_rate,
+                                                                    matrix=matrix)))
+                    used.append(s)
+                except Exception:  # a generator bug must not stop a long run
+                    logger.exception("seed %d: phantom generation failed; skipped", s)
+                    failed.append(s)
+                    bar.update(1)
+            index = write_rsna_layout(layout, phantoms)
+            del phantoms
+            dataset = RsnaDataset(layout)
+            for uid, seed in zip(index.studies, used, strict=True):
+                target = cache / f"{uid}.npz"
+                if not target.exists():
+                    case = case_from_rsna(dataset.study(uid))
+                    save_prepared(target, prepare_case(case, pre, jitters=jitters, seed=seed))
+                    done += 1
+                bar.update(1)
+        finally:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+    bar.close()
+    if failed:
+        logger.warning("%d seeds failed to generate: %s", len(failed), failed)
+    return done
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True)
+    rsna = sub.add_parser("rsna", help="an RSNA-layout directory")
+    rsna.add_argument("dataset", type=Path)
+    synth = sub.add_parser("synthetic", help="generate synthetic studies by seed")
+    synth.add_argument("--seeds", required=True, help="A:B (half-open) or a comma list")
+    synth.add_argument("--matrix", type=int, default=256)
+    synth.add_argument("--chunk", type=int, default=8)
+    synth.add_argument("--fracture-rate", type=float, default=0.5)
+    synth.add_argument("--keep-dicom", type=Path, default=None,
+                       help="write the layout here and keep it (validation/test sets)")
+    for p in (rsna, synth):
+        p.add_argument("--cache", type=Path, required=True)
+        p.add_argument("--jitters", type=int, default=2,
+                       help="jittered crops per vertebra besides the canonical one")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    started = time.perf_counter()
+    if args.source == "rsna":
+        count = prepare_rsna(args.dataset, args.cache, jitters=args.jitters, seed=args.seed,
+                             progress=not args.no_progress)
+    else:
+        count = prepare_synthetic(parse_seeds(args.seeds), args.cache, matrix=args.matrix,
+                                  jitters=args.jitters, chunk=args.chunk,
+                                  keep_dicom=args.keep_dicom,
+                                  fracture_rate=args.fracture_rate,
+                                  progress=not args.no_progress)
+    logger.info("prepared %d studies into %s in %.0f s", count, args.cache,
+                time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""Train both stages from a prepared cache (see ``models.prepare``).
+
+    python -m models.train --cache var/cache/train --val-cache var/cache/val \\
+        --out var/train/cspine-v1 --seg-steps 900 --frac-steps 1500 --threads 2
+
+Fixed seeds (``--seed``), per-epoch validation logs, a progress bar, checkpoints of the best
+validation score (``seg.pt``, ``frac.pt``) and ``history.json``. ``--device cuda --amp`` trains
+with mixed precision on a GPU (real RSNA data); the shipped synthetic weights train on CPU.
+Export with ``python -m models.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.arch import FracConfig, FractureNet, SegConfig, SegUNet3D, count_parameters
+from models.config import default_preprocessing
+from models.data import load_prepared
+from service.evaluation import metrics
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Study:
+    uid: str
+    seg_image: np.ndarray
+    seg_labels: np.ndarray
+    stacks: np.ndarray
+    stack_label: np.ndarray
+    stack_target: np.ndarray
+    slice_target: np.ndarray
+    stack_canonical: np.ndarray
+
+
+def load_cache(paths: Sequence[Path], progress: bool = True) -> list[Study]:
+    out = []
+    for path in tqdm(list(paths), desc="load cache", disable=not progress):
+        arrays = load_prepared(path)
+        out.append(Study(uid=path.stem, **arrays))
+    return out
+
+
+def split_by_uid(paths: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Deterministic split on a hash of the study UID (stable when studies are added)."""
+    train, val = [], []
+    for p in sorted(paths):
+        bucket = zlib.crc32(p.stem.encode()) % 1000 / 1000.0
+        (val if bucket < val_fraction else train).append(p)
+    return train, val
+
+
+def _pad_to(x: np.ndarray, shape: Sequence[int], value: float = 0) -> np.ndarray:
+    pads = [(0, 0)] * (x.ndim - len(shape)) + [(0, max(0, s - n))
+                                                for n, s in zip(x.shape[-len(shape):], shape,
+                                                                strict=True)]
+    return np.pad(x, pads, constant_values=value) if any(p[1] for p in pads) else x
+
+
+def seg_batch(studies: Sequence[Study], rng: np.random.Generator, batch: int,
+              patch: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patches (with random left-right flips and mild intensity jitter)."""
+    images, labels = [], []
+    for _ in range(batch):
+        s = studies[int(rng.integers(len(studies)))]
+        img = _pad_to(s.seg_image, patch)
+        lab = _pad_to(s.seg_labels, patch)
+        starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(lab.shape, patch, strict=True)]
+        sl = tuple(slice(a, a + p) for a, p in zip(starts, patch, strict=True))
+        im = img[(slice(None), *sl)].astype(np.float32) / 255.0
+        lb = lab[sl].astype(np.int64)
+        if rng.random() < 0.5:
+            im, lb = im[..., ::-1], lb[..., ::-1]
+        im = im * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+        images.append(np.ascontiguousarray(im))
+        labels.append(np.ascontiguousarray(lb))
+    return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+
+
+@dataclass
+class FracItems:
+    study: np.ndarray
+    index: np.ndarray
+    target: np.ndarray
+    positives: np.ndarray = field(init=False)
+    negatives: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.positives = np.flatnonzero(self.target > 0.5)
+        self.negatives = np.flatnonzero(self.target < 0.5)
+
+
+def frac_items(studies: Sequence[Study], canonical_only: bool) -> FracItems:
+    s_idx, i_idx, target = [], [], []
+    for si, s in enumerate(studies):
+        for i in range(len(s.stack_label)):
+            if s.stack_target[i] < 0 or (canonical_only and not s.stack_canonical[i]):
+                continue
+            s_idx.append(si)
+            i_idx.append(i)
+            target.append(s.stack_target[i])
+    return FracItems(np.array(s_idx, int), np.array(i_idx, int), np.array(target, np.float32))
+
+
+def frac_batch(studies: Sequence[Study], items: FracItems, rng: np.random.Generator,
+               batch: int, positive_fraction: float) -> tuple[torch.Tensor, ...]:
+    chosen = []
+    for _ in range(batch):
+        pool = items.positives if (rng.random() < positive_fraction and len(items.positives)) \
+            else items.negatives
+        if not len(pool):
+            pool = items.positives
+        chosen.append(int(pool[int(rng.integers(len(pool)))]))
+    x, y, ys = [], [], []
+    for k in chosen:
+        s = studies[items.study[k]]
+        i = items.index[k]
+        stack = s.stacks[i].astype(np.float32) / 255.0
+        if rng.random() < 0.5:
+            stack = stack[..., ::-1]
+        noise = rng.normal(0, 0.01, stack.shape[:1] + (1,) + stack.shape[2:]).astype(np.float32)
+        stack = stack.copy()
+        stack[:, :-1] = np.clip(stack[:, :-1] * rng.uniform(0.92, 1.08) + noise, 0, 1)
+        x.append(np.ascontiguousarray(stack))
+        y.append(s.stack_target[i])
+        ys.append(s.slice_target[i])
+    return (torch.from_numpy(np.stack(x)), torch.tensor(np.array(y), dtype=torch.float32),
+            torch.from_numpy(np.stack(ys).astype(np.float32)))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the foreground classes present in the batch."""
+    ce = F.cross_entropy(logits, labels)
+    probs = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    present = onehot.sum(dims)[1:] > 0
+    dice = (2 * inter[1:] + 1.0) / (denom[1:] + 1.0)
+    dice_loss = (1 - dice[present]).mean() if present.any() else torch.zeros((), device=ce.device)
+    return ce + dice_loss
+
+
+def frac_loss(vertebra_logit: torch.Tensor, slice_logits: torch.Tensor, target: torch.Tensor,
+              slice_target: torch.Tensor, slice_weight: float = 0.5) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(vertebra_logit.float(), target)
+    known = slice_target >= 0
+    if known.any():
+        loss = loss + slice_weight * F.binary_cross_entropy_with_logits(
+            slice_logits.float()[known], slice_target[known])
+    return loss
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_seg(net: SegUNet3D, studies: Sequence[Study], device: torch.device,
+                 classes: int) -> dict[str, float]:
+    net.eval()
+    dices: dict[int, list[float]] = {c: [] for c in range(1, classes)}
+    div = net.divisor
+    for s in studies:
+        shape = [int(math.ceil(n / div) * div) for n in s.seg_labels.shape]
+        img = _pad_to(s.seg_image, shape).astype(np.float32) / 255.0
+        logits = net(torch.from_numpy(img[None]).to(device))
+        z, y, x = s.seg_labels.shape
+        pred = logits[0, :, :z, :y, :x].argmax(0).cpu().numpy()
+        for c in dices:
+            d = metrics.dice(s.seg_labels, pred, c)
+            if d is not None:
+                dices[c].append(d)
+    per = {f"dice_{c}": float(np.mean(v)) for c, v in dices.items() if v}
+    per["dice_mean_c1_c7"] = float(np.mean([per[f"dice_{c}"] for c in range(1, 8)
+                                            if f"dice_{c}" in per]))
+    net.train()
+    return per
+
+
+@torch.no_grad()
+def evaluate_frac(net: FractureNet, studies: Sequence[Study], device: torch.device,
+                  batch: int = 32) -> dict[str, float]:
+    """Vertebra- and patient-level AUC and log loss on canonical crops (GT segmentation)."""
+    net.eval()
+    items = frac_items(studies, canonical_only=True)
+    probs = np.zeros(len(items.target), np.float32)
+    for start in range(0, len(items.target), batch):
+        rows = range(start, min(start + batch, len(items.target)))
+        x = np.stack([studies[items.study[k]].stacks[items.index[k]] for k in rows])
+        logit, _ = net(torch.from_numpy(x.astype(np.float32) / 255.0).to(device))
+        probs[start:start + len(x)] = torch.sigmoid(logit).cpu().numpy()
+    net.train()
+    patient_p: dict[int, float] = {}
+    patient_y: dict[int, float] = {}
+    for k, p in enumerate(probs):
+        si = int(items.study[k])
+        patient_p[si] = max(patient_p.get(si, 0.0), float(p))
+        patient_y[si] = max(patient_y.get(si, 0.0), float(items.target[k]))
+    py = np.array(list(patient_y.values()))
+    pp = np.array([patient_p[k] for k in patient_y])
+    eps = 1e-6
+    bce = -np.mean(items.target * np.log(probs + eps)
+                   + (1 - items.target) * np.log(1 - probs + eps))
+    return {
+        "vertebra_auc": metrics.auc(items.target, probs).value or float("nan"),
+        "patient_auc": metrics.auc(py, pp).value or float("nan"),
+        "vertebra_bce": float(bce),
+    }
+
+
+# --------------------------------------------------------------------------- training loops
+
+
+def _cosine(progress: float, step: int, base: float, warmup: int = 30) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 2 % over ``progress``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _progress(step: int, total: int, started: float, budget_s: float | None) -> float:
+    """Fraction of training done: by steps, or by time when a budget is set (whichever is
+    further), so that the learning rate anneals fully even when the time budget binds."""
+    by_steps = step / max(1, total)
+    if budget_s is None:
+        return by_steps
+    return max(by_steps, (time.perf_counter() - started) / budget_s)
+
+
+def _autocast(device: torch.device, amp: bool) -> Any:
+    if not amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(total: int, every: int) -> Iterator[tuple[int, bool]]:
+    for step in range(total):
+        yield step, (step + 1) % every == 0 or step + 1 == total
+
+
+@dataclass
+class TrainOptions:
+    out: Path
+    seg_steps: int = 900
+    frac_steps: int = 1500
+    seg_batch: int = 2
+    seg_patch: tuple[int, int, int] = (64, 80, 80)
+    frac_batch: int = 16
+    positive_fraction: float = 0.35
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    eval_every: int = 150
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    progress: bool = True
+    seg_config: SegConfig = field(default_factory=SegConfig)
+    frac_config: FracConfig = field(default_factory=FracConfig)
+    time_budget_s: float | None = None
+    """Per stage: stop early (keeping the best checkpoint) when this much time has passed."""
+
+
+def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
+              history: dict[str, Any]) -> SegUNet3D:
+    device = torch.device(opts.device)
+    rng = np.random.default_rng(opts.seed)
+    torch.manual_seed(opts.seed)
+    net = SegUNet3D(opts.seg_config).to(device)
+    optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(enabled=opts.amp and device.type == "cuda")
+    best = -math.inf
+    log: list[dict[str, float]] = []
+    started = time.perf_counter()
+    running = 0.0
+    bar = tqdm(total=opts.seg_steps, desc="seg", disable=not opts.progress)
+    for step, evaluate in _batches(opts.seg_steps, opts.eval_every):
+        progress = _progress(step, opts.seg_steps, started, opts.time_budget_s)
+        for group in optim.param_groups:
+            group["lr"] = _cosine(progress, step, opts.lr)
+        x, y = seg_batch(train, rng, opts.seg_batch, opts.seg_patch)
+        with _autocast(device, opts.amp):
+            loss = seg_loss(net(x.to(device)), y.to(device))
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optim)
+        scaler.update()
+        running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        over_time = (opts.time_budget_s is not None
+                     and _progress(step + 1, opts.seg_steps, started, opts.time_budget_s) >= 1)
+        if evaluate or over_time:
+            scores = evaluate_seg(net, val, device, opts.seg_config.classes) if val else {}
+            entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
+                     **scores}
+            log.append(entry)
+            logger.info("seg epoch step %d: %s", step + 1,
+                        {k: round(v, 4) for k, v in entry.items()})
+            score = scores.get("dice_mean_c1_c7", -running)
+            if score > best:
+                best = score
+                torch.save({"config": opts.seg_config.as_dict(), "state": net.state_dict(),
+                            "step": step + 1, "val": scores}, opts.out / "seg.pt")
+        if over_time:
+            logger.warning("seg: time budget reached at step %d", step + 1)
+            break
+    bar.close()
+    history["seg"] = {"log": log, "best": best, "seconds": time.perf_counter() - started,
+                      "parameters": count_parameters(net)}
+    state = torch.load(opts.out / "seg.pt", map_location="cpu", weights_only=False)
+    net.load_state_dict(state["state"])
+    return net.cpu().eval()
+
+
+def train_frac(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
+               history: dict[str, Any]) -> FractureNet:
+    device = torch.device(opts.device)
+    rng = np.random.default_rng(opts.seed + 1)
+    torch.manual_seed(opts.seed + 1)
+    net = FractureNet(opts.frac_config).to(device)
+    optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    scaler = torch.amp.GradScaler(enabled=opts.amp and device.type == "cuda")
+    items = frac_items(train, canonical_only=False)
+    logger.info("frac: %d training crops (%d positive)", len(items.target),
+                len(items.positives))
+    best = -math.inf
+    log: list[dict[str, float]] = []
+    started = time.perf_counter()
+    running = 0.0
+    bar = tqdm(total=opts.frac_steps, desc="frac", disable=not opts.progress)
+    for step, evaluate in _batches(opts.frac_steps, opts.eval_every):
+        progress = _progress(step, opts.frac_steps, started, opts.time_budget_s)
+        for group in optim.param_groups:
+            group["lr"] = _cosine(progress, step, opts.lr)
+        x, y, ys = frac_batch(train, items, rng, opts.frac_batch, opts.positive_fraction)
+        with _autocast(device, opts.amp):
+            v_logit, s_logits = net(x.to(device))
+            loss = frac_loss(v_logit, s_logits, y.to(device), ys.to(device))
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optim)
+        scaler.update()
+        running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        over_time = (opts.time_budget_s is not None
+                     and _progress(step + 1, opts.frac_steps, started, opts.time_budget_s) >= 1)
+        if evaluate or over_time:
+            scores = evaluate_frac(net, val, device) if val else {}
+            entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
+                     **scores}
+            log.append(entry)
+            logger.info("frac epoch step %d: %s", step + 1,
+                        {k: round(v, 4) for k, v in entry.items()})
+            score = (float(np.nan_to_num(scores.get("patient_auc", 0.0)))
+                     + float(np.nan_to_num(scores.get("vertebra_auc", 0.0)))
+                     - 0.1 * scores.get("vertebra_bce", 0.0)) if scores else -running
+            if score > best:
+                best = score
+                torch.save({"config": opts.frac_config.as_dict(), "state": net.state_dict(),
+                            "step": step + 1, "val": scores}, opts.out / "frac.pt")
+        if over_time:
+            logger.warning("frac: time budget reached at step %d", step + 1)
+            break
+    bar.close()
+    history["frac"] = {"log": log, "best": best, "seconds": time.perf_counter() - started,
+                       "parameters": count_parameters(net), "crops": int(len(items.target)),
+                       "positive_crops": int(len(items.positives))}
+    state = torch.load(opts.out / "frac.pt", map_location="cpu", weights_only=False)
+    net.load_state_dict(state["state"])
+    return net.cpu().eval()
+
+
+def train(train_studies: Sequence[Study], val_studies: Sequence[Study], opts: TrainOptions,
+          stages: Sequence[str] = ("seg", "frac")) -> dict[str, Any]:
+    """Train the requested stages; checkpoints and history.json land in ``opts.out``."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    history: dict[str, Any] = {"train_studies": len(train_studies),
+                               "val_studies": len(val_studies), "seed": opts.seed,
+                               "device": opts.device, "threads": torch.get_num_threads()}
+    started = time.perf_counter()
+    if "seg" in stages:
+        train_seg(train_studies, val_studies, opts, history)
+    if "frac" in stages:
+        train_frac(train_studies, val_studies, opts, history)
+    history["seconds"] = time.perf_counter() - started
+    previous = opts.out / "history.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        old.update(history)
+        history = old
+    previous.write_text(json.dumps(history, indent=2))
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, required=True, help="prepared training studies")
+    parser.add_argument("--val-cache", type=Path, help="prepared validation studies")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="split off this fraction of --cache when --val-cache is absent")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stages", default="seg,frac")
+    parser.add_argument("--seg-steps", type=int, default=900)
+    parser.add_argument("--frac-steps", type=int, default=1500)
+    parser.add_argument("--seg-batch", type=int, default=2)
+    parser.add_argument("--frac-batch", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="mixed precision")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument("--stage-minutes", type=float, default=None,
+                        help="time budget per stage (keeps the best checkpoint)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    np.random.seed(args.seed)
+    paths = sorted(args.cache.glob("*.npz"))
+    if args.val_cache:
+        train_paths, val_paths = paths, sorted(args.val_cache.glob("*.npz"))
+    else:
+        train_paths, val_paths = split_by_uid(paths, args.val_fraction)
+    logger.info("train %d studies, validate on %d", len(train_paths), len(val_paths))
+    progress = not args.no_progress
+    train_studies = load_cache(train_paths, progress)
+    val_studies = load_cache(val_paths, progress)
+    pre = default_preprocessing()
+    opts = TrainOptions(
+        out=args.out, seg_steps=args.seg_steps, frac_steps=args.frac_steps,
+        seg_batch=args.seg_batch, frac_batch=args.frac_batch, eval_every=args.eval_every,
+        lr=args.lr, seed=args.seed, device=args.device, amp=args.amp, progress=progress,
+        seg_config=SegConfig(in_channels=len(pre.windows), classes=len(pre.seg_classes)),
+        frac_config=FracConfig(in_channels=pre.frac_channels),
+        time_budget_s=args.stage_minutes * 60 if args.stage_minutes else None)
+    history = train(train_studies, val_studies, opts, stages=args.stages.split(","))
+    logger.info("done in %.0f s; history in %s", history["seconds"], args.out / "history.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``triage evaluate DATASET_DIR --out REPORT_DIR``: the served model on an RSNA-layout dataset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from service.config import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.evaluation.report import evaluate_dataset, summarize, write_report
+    from service.inference.runtime import load_runtime
+
+    updates: dict[str, object] = {}
+    if args.model_dir:
+        updates["model_dir"] = args.model_dir
+    if args.patient_threshold is not None:
+        updates["patient_threshold"] = args.patient_threshold
+    if args.vertebra_threshold is not None:
+        updates["fracture_threshold"] = args.vertebra_threshold
+    if updates:
+        settings = settings.model_copy(update=updates)
+    runtime = load_runtime(settings)
+    manifest = runtime.manifest
+    patient_threshold = (settings.patient_threshold if settings.patient_threshold is not None
+                         else manifest.thresholds.patient)
+    vertebra_threshold = (settings.fracture_threshold if settings.fracture_threshold is not None
+                          else manifest.thresholds.vertebra)
+    results = evaluate_dataset(args.dataset, settings, runtime=runtime, limit=args.limit,
+                               progress=not args.no_progress)
+    summary = summarize(results, patient_threshold=patient_threshold,
+                        vertebra_threshold=vertebra_threshold,
+                        model=runtime.describe(), dataset=str(args.dataset),
+                        synthetic=not args.real_data)
+    paths = write_report(summary, results, args.out)
+    brief = {k: summary.get(k) for k in ("studies", "processed", "rsna_weighted_log_loss")}
+    if "patient" in summary:
+        brief["sensitivity"] = summary["patient"]["sensitivity"]["value"]
+        brief["specificity"] = summary["patient"]["specificity"]["value"]
+    print(json.dumps({"report": [str(p) for p in paths], **brief}, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="evaluate the model on an RSNA-layout dataset (report.json/md, roc.png)")
+    parser.add_argument("dataset", type=Path, help="directory with train.csv and train_images/")
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="model directory (default: settings model_dir)")
+    parser.add_argument("--limit", type=int, default=None, help="first N studies only")
+    parser.add_argument("--patient-threshold", type=float, default=None)
+    parser.add_argument("--vertebra-threshold", type=float, default=None)
+    parser.add_argument("--real-data", action="store_true",
+                        help="the dataset is real patient data (drops the synthetic caveat)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(handler=cmd_evaluate)

@@ -1,0 +1,241 @@
+"""Volume -> Findings: segmentation of C1..C7, then a fracture classifier per vertebra in view.
+
+Stages (each timed into ``Findings.stage_durations``, seconds):
+
+``preprocess``
+    The HU volume is resampled onto an isotropic grid of ``seg_spacing_mm`` (origin-aligned,
+    see ``service.imaging.preprocess``), windowed into the model's channels and padded at the
+    far end of each axis to a multiple of ``seg_divisor``.
+``segmentation``
+    ``seg.onnx`` gives class probabilities on that grid; the arg-max label map is cleaned
+    (each level keeps its largest connected component, so a stray blob cannot put a vertebra
+    "in view") and brought back to the volume's own grid by nearest neighbour: that is the
+    label map the DICOM SEG is built from (0 background, 1..7 = C1..C7; the model's extra
+    thoracic class is dropped).
+``classification``
+    For every vertebra in view, :func:`service.inference.crops.vertebra_stack` samples the
+    classifier input; ``frac.onnx`` gives the vertebra's fracture probability and a score per
+    sampled slice, interpolated onto every slice of the vertebra's z range (key images are
+    the highest-scoring ones).
+
+All indices in the findings are into the sorted ``Volume`` array (z, y, x). No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from service.config import Settings
+from service.imaging.preprocess import multi_window, resample_to_original, resample_to_spacing
+from service.imaging.volume import Volume
+from service.inference.crops import vertebra_box, vertebra_stack
+from service.inference.findings import VERTEBRAE, Findings, VertebraFinding
+from service.inference.manifest import Preprocessing
+from service.inference.runtime import ModelRuntime, get_runtime
+
+logger = logging.getLogger(__name__)
+
+KEY_SLICES = 3
+"""Key images per vertebra."""
+FRAC_BATCH = 8
+"""Vertebrae per classifier call (bounds memory; all seven fit in one call on CPU)."""
+PARTIAL_VERTEBRA = "PARTIAL_VERTEBRA"
+NO_VERTEBRA_IN_VIEW = "NO_VERTEBRA_IN_VIEW"
+
+
+@dataclass(frozen=True)
+class SegGrid:
+    """The isotropic segmentation grid of one volume and how it maps back.
+
+    Coarse voxel ``c`` along an axis sits at source index ``c * scale`` (origin-aligned), so a
+    source index ``i`` belongs to coarse voxel ``round(i / scale)``.
+    """
+
+    source_shape: tuple[int, int, int]
+    source_spacing: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    """Unpadded coarse shape."""
+    padded_shape: tuple[int, int, int]
+
+    @classmethod
+    def for_volume(cls, shape: Sequence[int], spacing: Sequence[float], target_mm: float,
+                   divisor: int) -> SegGrid:
+        from service.imaging.preprocess import resampled_shape
+
+        target = (target_mm, target_mm, target_mm)
+        coarse = resampled_shape(shape, spacing, target)
+        padded = tuple(int(-(-n // divisor) * divisor) for n in coarse)
+        return cls(tuple(int(n) for n in shape),  # type: ignore[arg-type]
+                   tuple(float(s) for s in spacing), target,  # type: ignore[arg-type]
+                   tuple(int(n) for n in coarse), padded)  # type: ignore[arg-type]
+
+    def source_box(self, coarse_box: tuple[int, int, int, int, int, int],
+                   ) -> tuple[int, int, int, int, int, int]:
+        """End-exclusive source-grid box of the source voxels that map into a coarse box."""
+        lo, hi = [], []
+        for axis in range(3):
+            scale = self.spacing[axis] / self.source_spacing[axis]
+            n = self.source_shape[axis]
+            nearest = np.clip(np.rint(np.arange(n) / scale), 0, self.shape[axis] - 1)
+            c0, c1 = coarse_box[axis], coarse_box[axis + 3]
+            lo.append(int(np.searchsorted(nearest, c0, side="left")))
+            hi.append(max(int(np.searchsorted(nearest, c1 - 1, side="right")), lo[-1] + 1))
+        return (lo[0], lo[1], lo[2], hi[0], hi[1], hi[2])
+
+
+def segmentation_input(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
+                       ) -> tuple[np.ndarray, SegGrid]:
+    """(1, C, Z, Y, X) float32 network input and its grid; shared with training."""
+    grid = SegGrid.for_volume(hu.shape, spacing, pre.seg_spacing_mm, pre.seg_divisor)
+    coarse = resample_to_spacing(hu, spacing, grid.spacing, order=1, output_shape=grid.shape)
+    image = multi_window(coarse, pre.preprocess_windows())
+    pad = [(0, 0)] + [(0, p - n) for n, p in zip(grid.shape, grid.padded_shape, strict=True)]
+    return np.pad(image, pad, mode="constant")[None], grid
+
+
+def clean_labels(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Keep, for each label 1..classes-1, only its largest 26-connected component."""
+    out = np.zeros_like(labels)
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for value in range(1, classes):
+        mask = labels == value
+        if not mask.any():
+            continue
+        components, count = ndimage.label(mask, structure=structure)
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            mask = components == int(np.argmax(sizes))
+        out[mask] = value
+    return out
+
+
+def _key_slices(scores: np.ndarray, first_z: int, count: int) -> tuple[int, ...]:
+    order = np.argsort(-scores, kind="stable")[:count]
+    return tuple(int(first_z + i) for i in order)
+
+
+def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
+            load_seconds: float | None = None) -> Findings:
+    """Run both model stages on a loaded volume and return the findings."""
+    manifest = runtime.manifest
+    pre = manifest.preprocessing
+    durations: dict[str, float] = {}
+    if load_seconds is not None:
+        durations["load"] = load_seconds
+    warnings: list[str] = []
+
+    started = time.perf_counter()
+    image, grid = segmentation_input(volume.hu, volume.spacing, pre)
+    durations["preprocess"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    probabilities = runtime.seg.run(image)[0][0]
+    z, y, x = grid.shape
+    coarse = np.argmax(probabilities[:, :z, :y, :x], axis=0).astype(np.uint8)
+    del probabilities
+    coarse = clean_labels(coarse, len(pre.seg_classes))
+    coarse[coarse > len(VERTEBRAE)] = 0  # extra classes (thoracic) are context, not findings
+    label_map = resample_to_original(coarse, grid.spacing, volume.spacing, volume.shape,
+                                     order=0)
+    voxel_mm3 = float(np.prod(grid.spacing))
+    counts = np.bincount(coarse.ravel(), minlength=len(VERTEBRAE) + 1)
+    coarse_boxes = ndimage.find_objects(coarse, max_label=len(VERTEBRAE))
+    durations["segmentation"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    spec = pre.stack_spec()
+    in_view: list[tuple[int, tuple[int, int, int, int, int, int]]] = []
+    for index in range(len(VERTEBRAE)):
+        label = index + 1
+        box = coarse_boxes[index] if index < len(coarse_boxes) else None
+        if box is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
+            continue
+        cbox = (box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop,
+                box[2].stop)
+        bbox = grid.source_box(cbox)
+        if cbox[0] == 0 or cbox[3] >= grid.shape[0]:
+            warnings.append(f"{PARTIAL_VERTEBRA}:{VERTEBRAE[index]}")
+        in_view.append((label, bbox))
+    stacks, z_positions = [], []
+    for label, bbox in in_view:
+        stack, zs = vertebra_stack(volume.hu, label_map, label,
+                                   vertebra_box(bbox, volume.spacing, spec), spec)
+        stacks.append(stack)
+        z_positions.append(zs)
+    probs = np.zeros(len(in_view), dtype=np.float32)
+    slice_scores = np.zeros((len(in_view), spec.slices), dtype=np.float32)
+    for start in range(0, len(stacks), FRAC_BATCH):
+        batch = np.stack(stacks[start:start + FRAC_BATCH])
+        p, s = runtime.frac.run(batch)
+        probs[start:start + len(batch)] = p.reshape(-1)
+        slice_scores[start:start + len(batch)] = s
+    durations["classification"] = time.perf_counter() - started
+
+    vertebra_threshold = (settings.fracture_threshold if settings.fracture_threshold is not None
+                          else manifest.thresholds.vertebra)
+    patient_threshold = (settings.patient_threshold if settings.patient_threshold is not None
+                         else manifest.thresholds.patient)
+    found: dict[int, VertebraFinding] = {}
+    for i, (label, bbox) in enumerate(in_view):
+        z0, z1 = bbox[0], bbox[3] - 1
+        per_slice = np.interp(np.arange(z0, z1 + 1), z_positions[i], slice_scores[i])
+        probability = float(probs[i])
+        found[label] = VertebraFinding(
+            vertebra=VERTEBRAE[label - 1], in_view=True, probability=probability,
+            suspected=probability >= vertebra_threshold, slice_range=(z0, z1), bbox=bbox,
+            key_slices=_key_slices(per_slice, z0, KEY_SLICES),
+            slice_scores=tuple(float(v) for v in per_slice))
+    vertebrae = [found.get(i + 1) or VertebraFinding(vertebra=name, in_view=False,
+                                                      probability=None, suspected=False)
+                 for i, name in enumerate(VERTEBRAE)]
+    if not in_view:
+        warnings.append(NO_VERTEBRA_IN_VIEW)
+        patient_probability = 0.0
+    elif manifest.patient_aggregation == "noisy_or":
+        patient_probability = float(1.0 - np.prod(1.0 - probs.astype(np.float64)))
+    else:
+        patient_probability = float(probs.max())
+    findings = Findings(
+        series_instance_uid=volume.series_instance_uid,
+        model_name=manifest.name,
+        model_version=manifest.version,
+        vertebrae=vertebrae,
+        patient_probability=patient_probability,
+        patient_suspected=bool(in_view) and patient_probability >= patient_threshold,
+        vertebra_threshold=float(vertebra_threshold),
+        patient_threshold=float(patient_threshold),
+        label_map=label_map,
+        execution_provider=runtime.provider,
+        stage_durations=durations,
+        warnings=warnings,
+    )
+    logger.info("series %s: in view %s, suspected %s, patient p=%.3f (%s), stages %s",
+                volume.series_instance_uid, findings.in_view, findings.suspected_vertebrae,
+                patient_probability, runtime.provider,
+                {k: round(v, 3) for k, v in durations.items()})
+    return findings
+
+
+def analyze_paths(paths: Sequence[Path], settings: Settings,
+                  runtime: ModelRuntime | None = None) -> tuple[Volume, Findings]:
+    """Load a series from its files and analyse it (the worker's one call into inference).
+
+    Raises ``service.imaging.qc.VolumeError`` for a series that cannot be loaded,
+    ``ManifestError`` / ``ModelIntegrityError`` for an unusable model.
+    """
+    from service.imaging.volume import load_series
+
+    runtime = runtime or get_runtime(settings)
+    started = time.perf_counter()
+    volume = load_series(paths, settings)
+    load_seconds = time.perf_counter() - started
+    return volume, run_pipeline(volume, runtime, settings, load_seconds=load_seconds)
