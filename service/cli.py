@@ -19,6 +19,7 @@ from types import FrameType
 
 from service.config import Settings, child_environment, get_settings
 from service.dicom import cli as dicom_cli
+from service.evaluation import cli as evaluation_cli
 from service.logs import configure as configure_logging
 from service.synthetic import cli as synthetic_cli
 
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Later components register their subcommands here: each entry takes the subparsers object.
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     dicom_cli.register,
+    evaluation_cli.register,
     synthetic_cli.register,
 ]
 
