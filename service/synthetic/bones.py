@@ -143,6 +143,8 @@ class Rendered:
     bone_hu: np.ndarray
     fill: list[tuple[np.ndarray, np.ndarray, float]]
     truth: dict[str, Extent]
+    in_label: np.ndarray | None = None
+    """Where the bone's label applies (None: where ``fraction >= 0.5``)."""
 
 
 class _Points:
@@ -373,7 +375,8 @@ def render_bone(obj: BoneObject, grid: Grid, edge_mm: float) -> Rendered | None:
         sel, dc = found
         dsub = d[sel]
         if carve.truth:
-            truth.setdefault(carve.truth, Extent()).merge(pts.extent(sel, (dsub < 0) & (dc < 0)))
+            changed = (dsub < 0) & (-dc > dsub)  # bone voxels the carve changed
+            truth.setdefault(carve.truth, Extent()).merge(pts.extent(sel, changed))
         if carve.margin_mm > 0:
             rim = np.clip(1.0 - dc / np.float32(carve.margin_mm), 0, 1) * (dc > -edge_mm)
             sclerosis[sel] = np.maximum(sclerosis[sel], rim * np.float32(carve.sclerosis_hu))
@@ -404,8 +407,12 @@ def render_bone(obj: BoneObject, grid: Grid, edge_mm: float) -> Rendered | None:
                 pts.extent(sel, (weight > 0.5) & (d[sel] < 0)))
         sclerosis[sel] = np.maximum(sclerosis[sel], weight * np.float32(scl.hu))
 
-    near = np.flatnonzero(d < np.float32(0.5 * edge_mm))
-    depth = -(d_cortex[near] if d_cortex is not None else d[near])
+    # Acute fracture gaps are part of the vertebra for the labels (annotators outline the
+    # whole vertebra), so labels and cortex use the distance without those gaps.
+    d_label = d_cortex if d_cortex is not None else d
+    near = np.flatnonzero(d_label < np.float32(0.5 * edge_mm))
+    depth = -d_label[near]
+    in_label = depth >= 0
     d = d[near]
     fraction = np.clip(np.float32(0.5) - d / np.float32(edge_mm), 0, 1)
     cortex_w = np.clip(np.float32(0.5) + (np.float32(obj.cortex_mm) - depth)
@@ -415,7 +422,7 @@ def render_bone(obj: BoneObject, grid: Grid, edge_mm: float) -> Rendered | None:
     cancellous += np.float32(obj.cancellous_hu)
     bone = cancellous + cortex_w * (np.float32(obj.cortex_hu) - cancellous) + sclerosis[near]
     return Rendered(obj.name, obj.label, pts.flat_global(near, grid), fraction, bone, fills,
-                    truth)
+                    truth, in_label)
 
 
 def composite(rendered: Rendered, hu: np.ndarray, labels: np.ndarray | None) -> None:
@@ -426,7 +433,8 @@ def composite(rendered: Rendered, hu: np.ndarray, labels: np.ndarray | None) -> 
     values += rendered.fraction * (rendered.bone_hu - values)
     flat[rendered.index] = values
     if labels is not None and rendered.label >= 0:
-        labels.reshape(-1)[rendered.index[rendered.fraction >= 0.5]] = rendered.label
+        mask = rendered.in_label if rendered.in_label is not None else rendered.fraction >= 0.5
+        labels.reshape(-1)[rendered.index[mask]] = rendered.label
     for index, weight, value in rendered.fill:
         v = flat[index]
         v += weight * (np.float32(value) - v)
