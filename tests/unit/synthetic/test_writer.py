@@ -72,7 +72,8 @@ def test_head_first_instance_order_and_geometry(tmp_path: Path) -> None:
     first, last = pydicom.dcmread(by_number[1]), pydicom.dcmread(by_number[len(paths)])
     assert float(first.ImagePositionPatient[2]) > float(last.ImagePositionPatient[2])
     assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-    assert float(first.ImagePositionPatient[2]) == pytest.approx(p.slice_position(p.shape[0] - 1)[2])
+    top = p.slice_position(p.shape[0] - 1)[2]
+    assert float(first.ImagePositionPatient[2]) == pytest.approx(top)
     assert [float(v) for v in first.PixelSpacing] == [p.spacing[1], p.spacing[2]]
     assert first.Modality == "CT" and first.SOPClassUID == pydicom.uid.CTImageStorage
     assert first.AcquisitionDateTime and first.ConvolutionKernel == "BONE"
