@@ -153,6 +153,7 @@ class _Points:
 
     def __init__(self, box: Box, mask: np.ndarray, coords_of: object) -> None:
         flat = np.flatnonzero(mask)
+        self.lin = flat
         self.box = box
         self.iz, self.iy, self.ix = np.unravel_index(flat, mask.shape)
         self.shape = mask.shape
@@ -162,18 +163,32 @@ class _Points:
         return int(self.iz.size)
 
     def select(self, sub: tuple[slice, slice, slice]) -> np.ndarray | slice:
-        """Indices of the points inside ``sub`` (slices relative to the box)."""
+        """Indices of the points inside ``sub`` (slices relative to the box). Points are
+        sorted by (z, y, x), so each z of the sub-box holds one contiguous run of rows:
+        find the runs with searchsorted, then filter x only within them."""
         a = int(np.searchsorted(self.iz, sub[0].start, side="left"))
         b = int(np.searchsorted(self.iz, sub[0].stop, side="left"))
-        if (sub[1].start <= 0 and sub[1].stop >= self.shape[1] and sub[2].start <= 0
-                and sub[2].stop >= self.shape[2]):
+        ny, nx = self.shape[1], self.shape[2]
+        full_y = sub[1].start <= 0 and sub[1].stop >= ny
+        full_x = sub[2].start <= 0 and sub[2].stop >= nx
+        if full_y and full_x:
             return slice(a, b)
-        iy, ix = self.iy[a:b], self.ix[a:b]
-        inside = ((iy >= sub[1].start) & (iy < sub[1].stop)
-                  & (ix >= sub[2].start) & (ix < sub[2].stop))
-        if inside.all():
-            return slice(a, b)
-        return a + np.flatnonzero(inside)
+        if full_y:
+            ix = self.ix[a:b]
+            return a + np.flatnonzero((ix >= sub[2].start) & (ix < sub[2].stop))
+        zs = np.arange(sub[0].start, sub[0].stop, dtype=np.int64)
+        starts = np.searchsorted(self.lin, (zs * ny + sub[1].start) * nx)
+        stops = np.searchsorted(self.lin, (zs * ny + sub[1].stop) * nx)
+        lengths = stops - starts
+        total = int(lengths.sum())
+        if total == 0:
+            return np.empty(0, dtype=np.int64)
+        offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+        idx = offsets + np.arange(total, dtype=np.int64)
+        if full_x:
+            return idx
+        ix = self.ix[idx]
+        return idx[(ix >= sub[2].start) & (ix < sub[2].stop)]
 
     def take(self, sel: np.ndarray | slice) -> Coords:
         return self.coords[0][sel], self.coords[1][sel], self.coords[2][sel]

@@ -42,6 +42,8 @@ from service.synthetic.shapes import Capsule, RoundBox
 logger = logging.getLogger(__name__)
 
 IMAGE_MIMICS = (MimicType.SHOULDER_STREAK, MimicType.BEAM_HARDENING)
+SOFT_TISSUE_Z_STEP_MM = 1.2
+"""Soft tissue is painted about every 1.2 mm along z and interpolated in between."""
 HU_MIN, HU_MAX = -1024, 3071
 
 # Relative frequency of fracture types and of levels (trauma series: C2 and C6-C7 lead).
@@ -278,14 +280,27 @@ def generate_phantom(options: PhantomOptions) -> Phantom:
     edge_soft = max(edge, 0.7)
     threads = _threads()
 
-    def soft_chunk(ks: range) -> None:
+    # Soft tissue changes slowly along z: paint every ``step``-th slice (about every mm)
+    # and interpolate the ones between linearly.
+    step = max(1, int(round(SOFT_TISSUE_Z_STEP_MM / dz)))
+    painted = sorted(set(range(0, nz, step)) | {nz - 1})
+
+    def soft_chunk(ks: list[int]) -> None:
         for k in ks:
             softtissue.paint_slice(hu[k], float(zs[k]), xs, ys, geo, heights, soft, axis_pts,
                                    canal_pts, edge_soft, options.shoulders)
 
-    chunks = [range(i, min(i + 8, nz)) for i in range(0, nz, 8)]
+    def between_chunk(pairs: list[tuple[int, int]]) -> None:
+        for a, b in pairs:
+            for k in range(a + 1, b):
+                w = np.float32((k - a) / (b - a))
+                np.multiply(hu[a], 1 - w, out=hu[k])
+                hu[k] += w * hu[b]
+
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(soft_chunk, chunks))
+        list(pool.map(soft_chunk, [painted[i:i + 6] for i in range(0, len(painted), 6)]))
+        pairs = [(a, b) for a, b in zip(painted[:-1], painted[1:], strict=True) if b - a > 1]
+        list(pool.map(between_chunk, [pairs[i:i + 8] for i in range(0, len(pairs), 8)]))
     timings["soft_tissue"] = time.perf_counter() - t0
 
     # ---- bones
@@ -338,7 +353,7 @@ def generate_phantom(options: PhantomOptions) -> Phantom:
             out[k] = hu[k]
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(finish_chunk, chunks))
+        list(pool.map(finish_chunk, [range(i, min(i + 8, nz)) for i in range(0, nz, 8)]))
     timings["scanner"] = time.perf_counter() - t0
 
     # ---- ground truth

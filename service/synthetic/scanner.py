@@ -101,14 +101,24 @@ def paint_streaks(img: np.ndarray, xs: np.ndarray, ys: np.ndarray,
     for st in streaks:
         t = math.radians(st.angle_deg)
         nx_, ny_ = -math.sin(t), math.cos(t)
+        rows = slice(None)
+        if abs(ny_) > 0.5:
+            # Mostly horizontal line: only the rows within 4 widths of it are touched.
+            ends = [st.y0 + (float(xs[i]) - st.x0) * math.tan(t) for i in (0, -1)]
+            pad = 4.0 * st.width_mm / abs(ny_)
+            j0 = int(np.searchsorted(ys, min(ends) - pad))
+            j1 = int(np.searchsorted(ys, max(ends) + pad))
+            if j0 >= j1:
+                continue
+            rows = slice(j0, j1)
         x = xs[None, :] - np.float32(st.x0)
-        y = ys[:, None] - np.float32(st.y0)
+        y = ys[rows, None] - np.float32(st.y0)
         dist = x * np.float32(nx_) + y * np.float32(ny_)
         field = np.exp(-(dist / np.float32(st.width_mm)) ** 2) * np.float32(st.amplitude)
         if st.fade_mm > 0:
             along = np.sqrt(x * x + y * y)
             field = field / (1 + along / np.float32(st.fade_mm))
-        total += field
+        total[rows] += field
     if mask_min_hu is not None:
         total *= img > np.float32(mask_min_hu)
     img += total
