@@ -454,6 +454,28 @@ def test_gantry_tilt_is_resampled_to_axial(series_dir: Path, mode: str) -> None:
     assert len(volume.sop_instance_uids) == volume.shape[0]
 
 
+def test_gantry_tilt_with_uneven_spacing_takes_the_general_path(series_dir: Path) -> None:
+    # Not a lattice any more (one slice 0.5 mm off): each voxel is projected onto its two
+    # neighbouring planes along the normal instead of one affine map.
+    spec = _tilt_spec(15.0, "ipp")
+    moved = 13
+    shift = np.array([0.0, 0.0, 0.5])
+
+    def jitter(k: int, ds: Dataset) -> None:
+        if k == moved:
+            position = spec.position(k) + shift
+            ds.ImagePositionPatient = [float(v) for v in position]
+            points = spec.pixel_points(k) + shift
+            ds.PixelData = np.rint(spec.phantom(points) + 1024).astype(np.uint16).tobytes()
+
+    volume = load(write_series(series_dir, spec, mutate=jitter))
+    assert volume.warnings == [QcWarning.GANTRY_TILT_RESAMPLED,
+                               QcWarning.IRREGULAR_SPACING_RESAMPLED]
+    covered = _covered(volume, spec)
+    expected = expected_hu(volume.affine, volume.shape, smooth_phantom_hu)
+    assert np.abs(volume.hu.astype(float) - expected)[covered].max() <= 8
+
+
 @pytest.mark.parametrize("mode", ["iop", "ipp"])
 def test_excessive_gantry_tilt_is_refused(series_dir: Path, mode: str) -> None:
     paths = write_series(series_dir, _tilt_spec(35.0, mode))
