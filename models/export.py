@@ -186,6 +186,23 @@ def export_model_dir(seg: SegUNet3D, frac: FractureNet, out: Path, *,
     return manifest, check
 
 
+def ship_checkpoints(source: Path, out: Path) -> dict[str, str]:
+    """Copy the torch checkpoints next to the ONNX files (fine-tuning; the bench's eager peer).
+
+    Returns their sha256 by name, for the manifest's training section.
+    """
+    import shutil
+
+    target = out / "checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    shas = {}
+    for name in ("seg.pt", "frac.pt", "history.json"):
+        if (source / name).exists():
+            shutil.copyfile(source / name, target / name)
+            shas[name] = sha256_file(target / name)
+    return shas
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,15 +215,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real-data", action="store_true",
                         help="the weights were trained on real data (synthetic_only=false)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="do not copy the torch checkpoints into OUT/checkpoints")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     seg, frac, history = load_checkpoints(args.checkpoints)
+    training = _training_summary(history)
+    if not args.no_checkpoints:
+        training["checkpoints"] = ship_checkpoints(args.checkpoints, args.out)
     manifest, check = export_model_dir(
         seg, frac, args.out, name=args.name, version=args.version,
         thresholds=Thresholds(vertebra=args.vertebra_threshold, patient=args.patient_threshold,
                               selection="given on the command line (not calibrated)"),
-        synthetic_only=not args.real_data, training=_training_summary(history),
-        tolerance=args.tolerance)
+        synthetic_only=not args.real_data, training=training, tolerance=args.tolerance)
     total = sum(f.bytes for f in manifest.files())
     print(json.dumps({"out": str(args.out), "bytes": total, **check.as_dict()}, indent=2))
     return 0

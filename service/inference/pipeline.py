@@ -54,8 +54,9 @@ NO_VERTEBRA_IN_VIEW = "NO_VERTEBRA_IN_VIEW"
 class SegGrid:
     """The isotropic segmentation grid of one volume and how it maps back.
 
-    Coarse voxel ``c`` along an axis sits at source index ``c * scale`` (origin-aligned), so a
-    source index ``i`` belongs to coarse voxel ``round(i / scale)``.
+    Coarse voxel ``c`` along an axis sits at source index ``c * coarse / source spacing``
+    (origin-aligned), so a source index ``i`` belongs to coarse voxel
+    ``floor(i * source / coarse spacing + 0.5)``, as in the label map's nearest resampling.
     """
 
     source_shape: tuple[int, int, int]
@@ -82,9 +83,11 @@ class SegGrid:
         """End-exclusive source-grid box of the source voxels that map into a coarse box."""
         lo, hi = [], []
         for axis in range(3):
-            scale = self.spacing[axis] / self.source_spacing[axis]
+            # Exactly the coordinate and rounding of the order-0 resampling back to the source
+            # grid (scipy: coordinate i * source/coarse spacing, rounded half up).
+            scale = self.source_spacing[axis] / self.spacing[axis]
             n = self.source_shape[axis]
-            nearest = np.clip(np.rint(np.arange(n) / scale), 0, self.shape[axis] - 1)
+            nearest = np.clip(np.floor(np.arange(n) * scale + 0.5), 0, self.shape[axis] - 1)
             c0, c1 = coarse_box[axis], coarse_box[axis + 3]
             lo.append(int(np.searchsorted(nearest, c0, side="left")))
             hi.append(max(int(np.searchsorted(nearest, c1 - 1, side="right")), lo[-1] + 1))
