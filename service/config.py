@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     spool_min_free_mb: int = Field(default=256, ge=0)
     """Answer C-STORE with 0xA700 (out of resources) when the spool filesystem has less free
     space than this, instead of filling the disk the database and the OS also need."""
+    spool_fsync_directory: bool = False
+    """Also fsync the series directory after each instance (POSIX-strict). Off by default: the
+    spool links the file under its name *before* its single fsync, and on ext4, XFS, btrfs
+    and NFS that fsync makes the name durable with the data; turn it on for other file
+    systems."""
 
     # --- series completion and qualification --------------------------------------------
     completion_idle_after_release_s: float = 5.0

@@ -50,7 +50,8 @@ def check_schema(engine: Engine, settings: Settings) -> None:
 
 
 def make_spool(settings: Settings) -> Spool:
-    spool = Spool(settings.spool_path, min_free_bytes=settings.spool_min_free_mb * MIB)
+    spool = Spool(settings.spool_path, min_free_bytes=settings.spool_min_free_mb * MIB,
+                  fsync_directory=settings.spool_fsync_directory)
     spool.prepare()
     return spool
 

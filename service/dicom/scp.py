@@ -1,8 +1,9 @@
 """The Storage SCP: C-ECHO, C-STORE of every common storage class, and MPPS N-CREATE/N-SET.
 
 The C-STORE handler is the hot path and does, in order: a structural walk of the dataset bytes
-as received (:mod:`service.dicom.validate`; no pydicom parse, no decode), the durable spool
-write (:meth:`service.ingest.spool.Spool.store`: data fsync, atomic link, directory fsync), a
+as received (:mod:`service.dicom.validate`; no pydicom parse, no decode), the Part 10 file
+(preamble and file meta encoded by hand, then the dataset bytes exactly as received), the
+durable spool write (:meth:`service.ingest.spool.Spool.store`: link, then fsync), a
 non-blocking hand-off to the bookkeeper, and only then Success. Everything that touches the
 database happens on the bookkeeper's thread, in batches.
 
@@ -34,8 +35,16 @@ from pydicom.uid import UID
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
     evt,
+)
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
 )
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
@@ -50,7 +59,7 @@ from service.config import Settings
 from service.db.tables import MppsStatus, PerformedProcedureStep, PerformedProcedureStepReference
 from service.db.types import utcnow
 from service.dicom.security import AccessPolicy, Rejection
-from service.dicom.validate import UndecodableDataset, scan_dataset
+from service.dicom.validate import UndecodableDataset, file_meta_prefix, scan_dataset
 from service.ingest.bookkeeper import (
     AssociationEnded,
     AssociationRejected,
@@ -184,6 +193,14 @@ class StorageSCP:
         server = self.ae.make_server(address, ssl_context=self.ssl_context,
                                      evt_handlers=self.handlers(), server_class=server_class)
         assert isinstance(server, _AssociationServer)
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom's standard handlers format a log dump of every PDU and DIMSE message
+            # (an INFO line per C-STORE among them); we audit and log what matters ourselves.
+            for event, handler in ((evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                                   (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+                                   (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+                                   (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)):
+                server.unbind(event, handler)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
                                         daemon=True)
@@ -317,7 +334,10 @@ class StorageSCP:
             logger.warning("dataset from %s refused: %s", stats.calling_ae, problem)
             stats.failed(STATUS_DATASET_MISMATCH)
             return _status(STATUS_DATASET_MISMATCH, problem)
-        data = event.encoded_dataset()
+        data = file_meta_prefix(
+            str(request.AffectedSOPClassUID), sop_uid, str(transfer_syntax),
+            PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+            stats.calling_ae or None) + dataset_bytes
         try:
             stored = self.spool.store(keys.study_instance_uid, keys.series_instance_uid,
                                       sop_uid, data)
@@ -338,7 +358,8 @@ class StorageSCP:
             study_instance_uid=keys.study_instance_uid,
             series_instance_uid=keys.series_instance_uid, sop_instance_uid=sop_uid,
             stored=stored, received_at=utcnow(), association_id=stats.association_id,
-            calling_ae=stats.calling_ae[:16], data=data, sha256=stored.sha256))
+            calling_ae=stats.calling_ae[:16], data=data, sha256=stored.sha256, keys=keys,
+            transfer_syntax_uid=str(transfer_syntax)))
         return STATUS_SUCCESS
 
     # --- MPPS ---------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 logger = logging.getLogger(__name__)
@@ -33,7 +36,25 @@ SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
-_WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
+# Top-level attributes the bookkeeper stores (study, series, instance columns and the times
+# acquired_at is derived from): captured raw during the walk, so no pydicom parse is needed.
+HEADER_TAGS = frozenset({
+    0x00080005,  # Specific Character Set
+    0x00080016, 0x00080018,  # SOP Class / Instance UID
+    0x00080020, 0x00080021, 0x00080022, 0x00080023,  # Study/Series/Acquisition/Content Date
+    0x0008002A,  # Acquisition DateTime
+    0x00080030, 0x00080031, 0x00080032, 0x00080033,  # Study/Series/Acquisition/Content Time
+    0x00080050, 0x00080060, 0x00080090,  # Accession Number, Modality, Referring Physician
+    0x00080201,  # Timezone Offset From UTC
+    0x00081030, 0x0008103E,  # Study / Series Description
+    0x00100010, 0x00100020, 0x00100030, 0x00100040,  # Patient Name, ID, Birth Date, Sex
+    0x00180015, 0x00181030,  # Body Part Examined, Protocol Name
+    0x0020000D, 0x0020000E,  # Study / Series Instance UID
+    0x00200011, 0x00200013,  # Series Number, Instance Number
+    0x00200052,  # Frame of Reference UID
+    0x00201002,  # Images in Acquisition
+})
+_MAX_CAPTURED = 1024
 
 # Explicit VR: these VRs have a 2-byte reserved field and a 4-byte length.
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
@@ -47,7 +68,8 @@ class UndecodableDataset(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class DatasetKeys:
-    """The identifying UIDs read from the top level of the dataset (empty string if absent)."""
+    """The identifying UIDs read from the top level of the dataset (empty string if absent),
+    and the raw header elements of :data:`HEADER_TAGS`."""
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -57,16 +79,31 @@ class DatasetKeys:
     """A top-level Pixel Data (or Float / Double Float Pixel Data) element is present: a cut
     exactly at an element boundary before the pixel data is structurally valid, so the SCP
     checks this for image storage classes."""
+    elements: dict[int, tuple[str | None, bytes]]
+    """Tag -> (VR or ``None`` for implicit VR, value bytes) of the captured header elements."""
+    implicit_vr: bool
+    little_endian: bool
+
+    def header_dataset(self) -> Dataset:
+        """A pydicom Dataset of the captured elements; values convert lazily on access."""
+        elements = {
+            Tag(tag): RawDataElement(Tag(tag), vr, len(value), value, 0, self.implicit_vr,
+                                     self.little_endian)
+            for tag, (vr, value) in sorted(self.elements.items())
+        }
+        return Dataset(elements)
 
 
 class _Walker:
-    def __init__(self, buf: bytes, little_endian: bool) -> None:
+    def __init__(self, buf: bytes, little_endian: bool,
+                 wanted: frozenset[int] = HEADER_TAGS) -> None:
         self.buf = buf
+        self.wanted = wanted
         prefix = "<" if little_endian else ">"
         self.tag_struct = struct.Struct(prefix + "HH")
         self.u16 = struct.Struct(prefix + "H")
         self.u32 = struct.Struct(prefix + "L")
-        self.found: dict[int, bytes] = {}
+        self.found: dict[int, tuple[str | None, bytes]] = {}
         self.has_pixel_data = False
 
     def _tag(self, off: int) -> int:
@@ -128,8 +165,9 @@ class _Walker:
                     f"bytes at {value_off}, {end - value_off} left")
             if depth == 0 and tag in PIXEL_DATA_TAGS:
                 self.has_pixel_data = True
-            if depth == 0 and tag in _WANTED:
-                self.found[tag] = buf[value_off:next_off]
+            if depth == 0 and tag in self.wanted and length <= _MAX_CAPTURED:
+                self.found[tag] = (vr.decode("ascii") if vr else None,
+                                   buf[value_off:next_off])
             off = next_off
 
     def items(self, off: int, end: int, implicit: bool, depth: int, encapsulated: bool) -> int:
@@ -154,10 +192,10 @@ class _Walker:
             off += 8 + length
 
 
-def _text(value: bytes | None) -> str:
-    if not value:
+def _text(element: tuple[str | None, bytes] | None) -> str:
+    if not element or not element[1]:
         return ""
-    return value.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
+    return element[1].rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
 
 
 def scan_dataset(data: bytes, transfer_syntax: str) -> DatasetKeys:
@@ -189,4 +227,65 @@ def scan_dataset(data: bytes, transfer_syntax: str) -> DatasetKeys:
         study_instance_uid=_text(found.get(STUDY_INSTANCE_UID)),
         series_instance_uid=_text(found.get(SERIES_INSTANCE_UID)),
         has_pixel_data=walker.has_pixel_data,
+        elements=found,
+        implicit_vr=implicit,
+        little_endian=little,
     )
+
+
+TRANSFER_SYNTAX_UID = 0x00020010
+
+
+def split_part10(raw: bytes) -> tuple[str, int]:
+    """Transfer Syntax UID and dataset offset of a Part 10 file (preamble, DICM, meta group).
+
+    Raises :class:`UndecodableDataset` when the file meta is missing or cut short.
+    """
+    if len(raw) < 144 or raw[128:132] != b"DICM":
+        raise UndecodableDataset("no DICOM preamble / DICM prefix")
+    if raw[132:136] != b"\x02\x00\x00\x00" or raw[136:138] != b"UL":
+        raise UndecodableDataset("file meta does not start with its group length")
+    (group_length,) = struct.unpack_from("<L", raw, 140)
+    end = 144 + int(group_length)
+    if end > len(raw):
+        raise UndecodableDataset("file meta cut short")
+    walker = _Walker(raw[:end], True, frozenset({TRANSFER_SYNTAX_UID}))
+    walker.elements(144, end, False, 0, until_item_delimiter=False)
+    syntax = _text(walker.found.get(TRANSFER_SYNTAX_UID))
+    if not syntax:
+        raise UndecodableDataset("file meta has no Transfer Syntax UID")
+    return syntax, end
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHL", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _pad(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", errors="replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
+                     implementation_class_uid: str, implementation_version: str,
+                     source_ae_title: str | None = None) -> bytes:
+    """Preamble, ``DICM`` and an encoded File Meta Information group (PS3.10 7.1).
+
+    Written by hand because pydicom's generic writer costs most of a millisecond per instance,
+    which the C-STORE hot path cannot spare. The Source Application Entity Title records the
+    calling AE in the file itself, so a rebuild from the spool still knows the sender.
+    """
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
+        _meta_element(0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
+        _meta_element(0x0010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
+        _meta_element(0x0012, b"UI", _pad(implementation_class_uid, b"\x00")),
+        _meta_element(0x0013, b"SH", _pad(implementation_version[:16], b" ")),
+        _meta_element(0x0016, b"AE", _pad(source_ae_title[:16], b" "))
+        if source_ae_title else b"",
+    ))
+    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.audit import record
 from service.db.tables import Instance, Series, SeriesState, Study
 from service.db.types import utcnow
+from service.dicom.validate import DatasetKeys, UndecodableDataset, scan_dataset, split_part10
 from service.ingest.header import InstanceHeader, UnreadableHeader, read_header_bytes
 from service.ingest.spool import Spool, StoredFile, StoreOutcome, path_component
 
@@ -60,7 +61,10 @@ class ReceivedInstance:
     association_id: str | None = None
     calling_ae: str | None = None
     data: bytes | None = None
-    """The Part 10 bytes; dropped once hashed and parsed."""
+    """The Part 10 bytes; dropped once hashed."""
+    keys: DatasetKeys | None = None
+    """What the hot-path walk read (UIDs and raw header elements); dropped once used."""
+    transfer_syntax_uid: str | None = None
     header: InstanceHeader | None = None
     sha256: str | None = None
 
@@ -127,7 +131,18 @@ def _is_postgres(session: Session) -> bool:
 
 
 def prepare(item: ReceivedInstance) -> None:
-    """Hash and parse an instance's bytes (idempotent); the bytes are dropped afterwards."""
+    """Hash the bytes and build the per-instance header (idempotent); the bytes are dropped.
+
+    The header comes from the elements the hot-path walk already captured
+    (:attr:`~service.dicom.validate.DatasetKeys.elements`), decoded without pydicom; only
+    items without them are parsed with pydicom. The study and series columns are decoded
+    later, once per series and batch (:func:`_complete_header`).
+    """
+    if item.header is None and item.keys is not None:
+        item.header = InstanceHeader.per_instance(
+            item.keys.elements, study_uid=item.study_instance_uid,
+            series_uid=item.series_instance_uid, sop_uid=item.sop_instance_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid)
     if item.data is not None:
         if item.sha256 is None:
             item.sha256 = item.stored.sha256 or hashlib.sha256(item.data).hexdigest()
@@ -143,7 +158,8 @@ def prepare(item: ReceivedInstance) -> None:
     if item.header is None:
         item.header = InstanceHeader(study_instance_uid=item.study_instance_uid,
                                      series_instance_uid=item.series_instance_uid,
-                                     sop_instance_uid=item.sop_instance_uid, sop_class_uid="")
+                                     sop_instance_uid=item.sop_instance_uid, sop_class_uid="",
+                                     transfer_syntax_uid=item.transfer_syntax_uid)
     if item.sha256 is None:
         raise ValueError(f"instance {item.sop_instance_uid} has neither bytes nor a hash")
 
@@ -164,13 +180,23 @@ def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
     return max(a, b)
 
 
+def _complete_header(item: ReceivedInstance) -> InstanceHeader:
+    """The header with study and series columns (pydicom decodes the character set)."""
+    if item.keys is not None:
+        return InstanceHeader.from_dataset(item.keys.header_dataset(),
+                                           study_uid=item.study_instance_uid,
+                                           series_uid=item.series_instance_uid,
+                                           sop_uid=item.sop_instance_uid)
+    assert item.header is not None
+    return item.header
+
+
 def _upsert_studies(session: Session, items: Sequence[ReceivedInstance]) -> dict[str, int]:
-    first: dict[str, InstanceHeader] = {}
+    first: dict[str, ReceivedInstance] = {}
     for item in items:
-        assert item.header is not None
-        first.setdefault(item.study_instance_uid, item.header)
+        first.setdefault(item.study_instance_uid, item)
     for uid in sorted(first):
-        values = {"study_instance_uid": uid, **first[uid].study_values(),
+        values = {"study_instance_uid": uid, **_complete_header(first[uid]).study_values(),
                   "created_at": utcnow(), "updated_at": utcnow()}
         session.execute(_insert(session, Study).values(**values)
                         .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
@@ -186,9 +212,8 @@ def _upsert_series(session: Session, items: Sequence[ReceivedInstance],
         first.setdefault(item.series_instance_uid, item)
     for uid in sorted(first):
         item = first[uid]
-        assert item.header is not None
         values = {"series_instance_uid": uid, "study_id": study_ids[item.study_instance_uid],
-                  **item.header.series_values(), "state": SeriesState.RECEIVING,
+                  **_complete_header(item).series_values(), "state": SeriesState.RECEIVING,
                   "instance_count": 0, "bytes_received": 0, "reopened_count": 0,
                   "created_at": utcnow(), "updated_at": utcnow()}
         session.execute(_insert(session, Series).values(**values)
@@ -212,63 +237,100 @@ class _SeriesDelta:
     any_association: bool = False
 
 
+def _chunks(values: Sequence[Any], size: int = 400) -> list[Sequence[Any]]:
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
 def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
                     use_images_in_acquisition: bool = True) -> BatchResult:
-    """Record prepared instances in the caller's transaction; see the module docstring."""
+    """Record prepared instances in the caller's transaction; see the module docstring.
+
+    A handful of statements per batch whatever its size (multi-row ``INSERT .. ON CONFLICT
+    DO NOTHING RETURNING``, one grouped sibling query, one ``UPDATE`` per series), because
+    this runs in the SCP process and every millisecond of Python here competes for the GIL
+    with the C-STORE hot path.
+    """
     result = BatchResult()
     if not items:
         return result
     study_ids = _upsert_studies(session, items)
     series_ids = _upsert_series(session, items, study_ids)
-    lock = select(Series.id, Series.state, Series.series_instance_uid) \
-        .where(Series.id.in_(sorted(series_ids.values()))).order_by(Series.id)
+    lock = select(Series.id, Series.state).where(Series.id.in_(sorted(series_ids.values()))) \
+        .order_by(Series.id)
     if _is_postgres(session):
         lock = lock.with_for_update()
     states = {row.id: row.state for row in session.execute(lock)}
 
-    deltas: dict[int, _SeriesDelta] = {}
+    unique: dict[tuple[str, str], ReceivedInstance] = {}
     for item in items:
-        assert item.header is not None and item.sha256 is not None
-        series_id = series_ids[item.series_instance_uid]
-        delta = deltas.setdefault(series_id, _SeriesDelta())
+        assert item.sha256 is not None
+        unique.setdefault((item.sop_instance_uid, item.sha256), item)
+    rows = []
+    for (sop_uid, sha), item in unique.items():
         header = item.header
-        inserted = session.execute(
-            _insert(session, Instance).values(
-                series_id=series_id, sop_instance_uid=item.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid[:64], instance_number=header.instance_number,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                spool_path=item.stored.relative_path, size_bytes=item.stored.size,
-                sha256=item.sha256, duplicate_conflict=False,
-                association_id=item.association_id, calling_ae=item.calling_ae,
-                received_at=item.received_at,
-            ).on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
-            .returning(Instance.id)
-        ).scalar_one_or_none()
-        if inserted is None:
-            result.instances_known += 1
+        assert header is not None
+        rows.append({
+            "series_id": series_ids[item.series_instance_uid], "sop_instance_uid": sop_uid,
+            "sop_class_uid": header.sop_class_uid[:64], "instance_number": header.instance_number,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "spool_path": item.stored.relative_path, "size_bytes": item.stored.size,
+            "sha256": sha, "duplicate_conflict": False, "association_id": item.association_id,
+            "calling_ae": item.calling_ae, "received_at": item.received_at})
+    # executemany with RETURNING ("insertmanyvalues"): compiled once, cached across batches.
+    statement = (_insert(session, Instance)
+                 .on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
+                 .returning(Instance.sop_instance_uid, Instance.sha256))
+    inserted: set[tuple[str, str]] = set()
+    for chunk in _chunks(rows):
+        inserted.update((sop, sha) for sop, sha in session.execute(statement, list(chunk)).all())
+    result.instances_new = len(inserted)
+    result.instances_known = len(items) - len(inserted)
+    if not inserted:
+        return result
+
+    new_per_sop: dict[str, int] = {}
+    for sop_uid, _ in inserted:
+        new_per_sop[sop_uid] = new_per_sop.get(sop_uid, 0) + 1
+    copies: dict[str, int] = {}
+    for chunk in _chunks(sorted(new_per_sop)):
+        copies.update(session.execute(
+            select(Instance.sop_instance_uid, func.count(Instance.id))
+            .where(Instance.sop_instance_uid.in_(list(chunk)))
+            .group_by(Instance.sop_instance_uid)
+            .having(func.count(Instance.id) > 1)).all())
+    for chunk in _chunks(sorted(copies)):
+        session.execute(update(Instance).where(Instance.sop_instance_uid.in_(list(chunk)))
+                        .values(duplicate_conflict=True))
+
+    deltas: dict[int, _SeriesDelta] = {}
+    counted: set[str] = set()
+    series_keys: dict[int, tuple[str, str]] = {}
+    for key, item in unique.items():
+        if key not in inserted:
             continue
-        result.instances_new += 1
+        sop_uid = key[0]
+        series_id = series_ids[item.series_instance_uid]
+        series_keys[series_id] = (item.study_instance_uid, item.series_instance_uid)
+        delta = deltas.setdefault(series_id, _SeriesDelta())
         delta.new_rows += 1
         delta.bytes += item.stored.size
-        siblings = session.execute(
-            select(func.count()).select_from(Instance)
-            .where(Instance.sop_instance_uid == item.sop_instance_uid)).scalar_one()
-        if siblings > 1:
-            # Same SOP Instance UID, different bytes: both kept, both flagged, audited.
-            session.execute(update(Instance)
-                            .where(Instance.sop_instance_uid == item.sop_instance_uid)
-                            .values(duplicate_conflict=True))
+        total = copies.get(sop_uid, 1)
+        earlier = total - new_per_sop[sop_uid]
+        if earlier == 0 and sop_uid not in counted:
+            delta.new_distinct += 1
+            counted.add(sop_uid)
+        else:
             delta.conflicts += 1
             result.conflicts += 1
+            # Same SOP Instance UID, different bytes: both kept, both flagged, audited.
             record(session, EVENT_DUPLICATE_CONFLICT, outcome="warning", actor=item.calling_ae,
                    study_instance_uid=item.study_instance_uid,
                    series_instance_uid=item.series_instance_uid,
-                   details={"sop_instance_uid": item.sop_instance_uid,
-                            "spool_path": item.stored.relative_path,
-                            "sha256": item.sha256, "copies": siblings,
+                   details={"sop_instance_uid": sop_uid, "spool_path": item.stored.relative_path,
+                            "sha256": key[1], "copies": total,
                             "association_id": item.association_id})
-        else:
-            delta.new_distinct += 1
+        header = item.header
+        assert header is not None
         delta.first_received = _earliest(delta.first_received, item.received_at)
         delta.last_received = _latest(delta.last_received, item.received_at)
         delta.acquired_at = _earliest(delta.acquired_at, header.acquired_at)
@@ -280,12 +342,9 @@ def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
 
     for series_id in sorted(deltas):
         delta = deltas[series_id]
-        if not delta.new_rows:
-            continue
         current = session.execute(
             select(Series.first_received_at, Series.last_received_at, Series.acquired_at,
-                   Series.expected_instances, Series.series_instance_uid, Series.study_id)
-            .where(Series.id == series_id)).one()
+                   Series.expected_instances).where(Series.id == series_id)).one()
         values: dict[str, Any] = {
             "instance_count": Series.instance_count + delta.new_distinct,
             "bytes_received": Series.bytes_received + delta.bytes,
@@ -306,14 +365,13 @@ def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
                           completion_reason=None, state_reason=None, state_detail=None,
                           qualified=None, qualification_reason=None, qualification_detail=None)
             result.reopened.append(series_id)
-            study_uid = session.execute(select(Study.study_instance_uid)
-                                        .where(Study.id == current.study_id)).scalar_one()
+            study_uid, series_uid = series_keys[series_id]
             record(session, EVENT_SERIES_REOPENED, study_instance_uid=study_uid,
-                   series_instance_uid=current.series_instance_uid,
+                   series_instance_uid=series_uid,
                    details={"previous_state": str(previous_state),
                             "new_instances": delta.new_rows})
-            logger.info("series %s reopened (was %s): %d new instances",
-                        current.series_instance_uid, previous_state, delta.new_rows)
+            logger.info("series %s reopened (was %s): %d new instances", series_uid,
+                        previous_state, delta.new_rows)
         session.execute(update(Series).where(Series.id == series_id).values(**values))
         result.touched_series_ids.add(series_id)
     return result
@@ -532,23 +590,28 @@ def _known_counts(session: Session) -> dict[str, int]:
 
 
 def _recover_file(spool: Spool, path: Any) -> ReceivedInstance:
-    from service.ingest.header import read_header
+    """The bookkeeping item of a spool file, after the same structural check as the SCP's.
 
+    A file that fails it was never acknowledged (e.g. a crash between the link and the fsync
+    of the spool write): it goes to quarantine rather than into the database.
+    """
     relative = path.relative_to(spool.root).as_posix()
     data = path.read_bytes()
-    ds = read_header(path)
-    header = InstanceHeader.from_dataset(ds)
-    if not (header.study_instance_uid and header.series_instance_uid
-            and header.sop_instance_uid):
+    try:
+        syntax, offset = split_part10(data)
+        keys = scan_dataset(data[offset:], syntax)
+    except UndecodableDataset as exc:
+        raise UnreadableHeader(f"{relative}: {exc}") from exc
+    if not (keys.study_instance_uid and keys.series_instance_uid and keys.sop_instance_uid):
         raise UnreadableHeader(f"{relative}: missing Study/Series/SOP Instance UID")
     stat = path.stat()
     return ReceivedInstance(
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
-        sop_instance_uid=header.sop_instance_uid,
+        study_instance_uid=keys.study_instance_uid,
+        series_instance_uid=keys.series_instance_uid,
+        sop_instance_uid=keys.sop_instance_uid,
         stored=StoredFile(relative, len(data), StoreOutcome.NEW, None),
-        received_at=datetime.fromtimestamp(stat.st_mtime, UTC),
-        header=header, sha256=hashlib.sha256(data).hexdigest())
+        received_at=datetime.fromtimestamp(stat.st_mtime, UTC), data=data, keys=keys,
+        transfer_syntax_uid=syntax)
 
 
 def rebuild_from_spool(spool: Spool, session_factory: sessionmaker[Session], *,

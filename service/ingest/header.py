@@ -135,6 +135,59 @@ def acquisition_time(ds: Dataset) -> datetime | None:
     return None
 
 
+def _ascii(raw: bytes | None) -> str:
+    if not raw:
+        return ""
+    return raw.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
+
+
+def _fast_date(raw: str) -> date | None:
+    if len(raw) == 8 and raw.isdigit():
+        try:
+            return date(int(raw[:4]), int(raw[4:6]), int(raw[6:8]))
+        except ValueError:
+            return None
+    return None
+
+
+def _fast_time(raw: str) -> time | None:
+    whole, _, fraction = raw.partition(".")
+    if not whole.isdigit() or len(whole) not in (2, 4, 6) or (fraction and not
+                                                               fraction.isdigit()):
+        return None
+    try:
+        return time(int(whole[:2]), int(whole[2:4] or 0), min(int(whole[4:6] or 0), 59),
+                    int((fraction + "000000")[:6]) if fraction else 0)
+    except ValueError:
+        return None
+
+
+def fast_acquisition_time(elements: dict[int, tuple[str | None, bytes]]) -> datetime | None:
+    """:func:`acquisition_time` from raw captured elements, without pydicom conversion.
+
+    Handles the standard DA (YYYYMMDD) and TM (HH[MM[SS[.F]]]) forms; anything else (old
+    colon forms, DT with offsets) falls back to the pydicom-based :func:`acquisition_time`.
+    """
+    def get(tag: int) -> str:
+        element = elements.get(tag)
+        return _ascii(element[1]) if element else ""
+
+    if get(0x0008002A) or get(0x00080201):
+        return None  # DT or an explicit offset: let the complete parser decide
+    for day_tag, time_tag in ((0x00080022, 0x00080032), (0x00080023, 0x00080033),
+                              (0x00080021, 0x00080031), (0x00080020, 0x00080030)):
+        day_raw = get(day_tag)
+        if not day_raw:
+            continue
+        day = _fast_date(day_raw)
+        clock_raw = get(time_tag)
+        clock = _fast_time(clock_raw) if clock_raw else time(0, 0)
+        if day is None or clock is None:
+            return None
+        return _aware(datetime.combine(day, clock), None)
+    return None
+
+
 @dataclass(slots=True)
 class InstanceHeader:
     """What the database keeps about one instance, its series and its study."""
@@ -199,6 +252,36 @@ class InstanceHeader:
             frame_of_reference_uid=text(ds, "FrameOfReferenceUID", 64),
         )
 
+    @classmethod
+    def per_instance(cls, elements: dict[int, tuple[str | None, bytes]], *, study_uid: str,
+                     series_uid: str, sop_uid: str,
+                     transfer_syntax_uid: str | None) -> InstanceHeader:
+        """Only the per-instance columns, straight from the walk's raw elements (fast).
+
+        Study and series columns are left ``None``; the bookkeeper fills them from a
+        complete header of one instance per series (:meth:`from_dataset`).
+        """
+        def number_of(tag: int) -> int | None:
+            element = elements.get(tag)
+            value = _ascii(element[1]) if element else ""
+            try:
+                return int(value) if value else None
+            except ValueError:
+                return None
+
+        acquired = fast_acquisition_time(elements)
+        if acquired is None and any(t in elements for t in (0x0008002A, 0x00080022,
+                                                             0x00080023, 0x00080021,
+                                                             0x00080020)):
+            acquired = acquisition_time(_dataset_from(elements))
+        sop_class = elements.get(0x00080016)
+        return cls(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                   sop_instance_uid=sop_uid,
+                   sop_class_uid=_ascii(sop_class[1])[:64] if sop_class else "",
+                   transfer_syntax_uid=transfer_syntax_uid,
+                   instance_number=number_of(0x00200013), acquired_at=acquired,
+                   images_in_acquisition=number_of(0x00201002))
+
     def study_values(self) -> dict[str, Any]:
         return {
             "patient_id": self.patient_id, "patient_name": self.patient_name,
@@ -215,3 +298,12 @@ class InstanceHeader:
             "body_part_examined": self.body_part_examined, "protocol_name": self.protocol_name,
             "frame_of_reference_uid": self.frame_of_reference_uid,
         }
+
+
+def _dataset_from(elements: dict[int, tuple[str | None, bytes]]) -> Dataset:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    return Dataset({Tag(tag): RawDataElement(Tag(tag), vr, len(value), value, 0, vr is None,
+                                             True)
+                    for tag, (vr, value) in sorted(elements.items())})

@@ -8,11 +8,18 @@ written twice.
 
 Durability protocol, per instance: the bytes go to an unnamed file in the series directory
 (``O_TMPFILE``; a hidden ``.<name>.<token>.part`` file where the filesystem has no
-``O_TMPFILE``), are ``fsync``-ed, then linked under their final name with ``link(2)`` (atomic,
-and unlike ``rename(2)`` it never replaces an existing file, which is what duplicate handling
-needs), and finally the directory is ``fsync``-ed so the name itself survives a power loss.
-Only after all that may the SCP answer Success. A file under its final name is therefore always
-complete; anything else in the tree is a leftover ``.part`` of an unacknowledged instance.
+``O_TMPFILE``), are linked under their final name with ``link(2)`` (atomic, and unlike
+``rename(2)`` it never replaces an existing file, which is what duplicate handling needs), and
+then one ``fsync`` of the file makes data and name durable together: on ext4, XFS and btrfs
+the link changed the inode in the same journal transaction as the directory entry, and the
+fsync commits that transaction after writing the data (NFS link is synchronous anyway). With
+``fsync_directory`` (``TRIAGE_SPOOL_FSYNC_DIRECTORY``) the POSIX-strict order is used
+instead: fsync the file, link, fsync the directory - two journal commits per instance. Only
+after that may the SCP answer Success.
+
+A crash between the link and the fsync can leave a file under its final name whose tail never
+reached the disk; it was never acknowledged, and the rebuild at the next start checks every
+file it does not know with the same structural walk as the SCP and quarantines such a file.
 
 Names that are not plain dotted-decimal UIDs (non-conformant senders) are replaced by a hash so
 no peer can steer a path outside the spool.
@@ -103,9 +110,11 @@ def _write_all(fd: int, data: bytes) -> None:
 class Spool:
     """The spool directory. Thread-safe; several processes may share one spool directory."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, *,
+                 fsync_directory: bool = False) -> None:
         self.root = root.resolve()
         self.min_free_bytes = min_free_bytes
+        self.fsync_directory = fsync_directory
         self._known_dirs: set[Path] = set()
         self._dir_lock = threading.Lock()
         self._use_tmpfile = bool(_O_TMPFILE) and Path("/proc/self/fd").is_dir()
@@ -166,10 +175,7 @@ class Spool:
     def _store_in(self, series_dir: Path, name: str, data: bytes) -> StoredFile:
         dir_fd = os.open(series_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            stored = self._write_and_link(dir_fd, series_dir, name, data)
-            if stored.outcome is not StoreOutcome.SAME:
-                os.fsync(dir_fd)
-            return stored
+            return self._write_and_link(dir_fd, series_dir, name, data)
         finally:
             os.close(dir_fd)
 
@@ -190,16 +196,34 @@ class Spool:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=dir_fd)
         try:
             _write_all(fd, data)
-            os.fsync(fd)
+            if self.fsync_directory:
+                os.fsync(fd)
             # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names the anonymous file; the
             # dir_fd argument makes CPython use linkat rather than link, which would not follow.
             source = f"/proc/self/fd/{fd}" if partial is None else partial
-            return self._publish(source, dir_fd, series_dir, name, data)
+            stored = self._publish(source, dir_fd, series_dir, name, data)
+            if stored.outcome is StoreOutcome.SAME:
+                # The earlier copy may still be on its way to disk (a concurrent duplicate).
+                self._fsync_existing(dir_fd, stored.relative_path.rsplit("/", 1)[-1])
+            elif self.fsync_directory:
+                os.fsync(dir_fd)
+            else:
+                # One journal commit makes the data and the new name durable together.
+                os.fsync(fd)
+            return stored
         finally:
             os.close(fd)
             if partial is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(partial, dir_fd=dir_fd)
+
+    @staticmethod
+    def _fsync_existing(dir_fd: int, file_name: str) -> None:
+        fd = os.open(file_name, os.O_RDONLY, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _publish(self, source: str, dir_fd: int, series_dir: Path, name: str,
                  data: bytes) -> StoredFile:

@@ -82,6 +82,11 @@ def test_echo_and_store_as_received(start_node: Callable[..., IngestNode], tmp_p
         stored = node.spool.path(row.spool_path).read_bytes()  # type: ignore[union-attr]
         assert dataset_bytes(stored) == dataset_bytes(source)
         assert row.calling_ae == "TESTSCU" and row.transfer_syntax_uid == ExplicitVRLittleEndian
+        meta = dcmread(io.BytesIO(stored), stop_before_pixels=True).file_meta
+        assert meta.SourceApplicationEntityTitle == "TESTSCU"
+        assert meta.MediaStorageSOPInstanceUID == row.sop_instance_uid
+        assert meta.MediaStorageSOPClassUID == CTImageStorage
+        assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
     (event,) = audit(node, EVENT_ASSOCIATION)[-1:]
     assert event.details["instances"] == 5 and event.details["ended"] == "released"
     assert event.actor == "TESTSCU" and event.source_ip == "127.0.0.1"

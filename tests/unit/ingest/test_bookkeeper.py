@@ -164,8 +164,15 @@ def test_rebuild_recovers_spool_files_the_database_lacks(ingest_env: IngestEnv) 
     write(ingest_env, items[:2])  # the process "died" before writing the rest
     junk_dir = ingest_env.spool.root / spec.study_uid / spec.series_uid
     (junk_dir / "1.2.3.999.dcm").write_bytes(b"not dicom")
+    # A crash between link and fsync: the name made it to disk, the tail of the data did not.
+    cut = ingest_env.receive(spec, 6)
+    path = ingest_env.spool.path(cut.stored.relative_path)
+    path.write_bytes(path.read_bytes()[:-700])
     report = rebuild_from_spool(ingest_env.spool, ingest_env.factory)
-    assert report.recovered == 4 and report.quarantined == 1
+    assert report.recovered == 4 and report.quarantined == 2
+    assert not path.exists()
+    quarantined = sorted((ingest_env.spool.root / ".quarantine").glob("*.reason"))
+    assert any("truncated" in p.read_text() for p in quarantined)
     with ingest_env.factory() as session:
         series = one_series(session)
         assert series.instance_count == 6

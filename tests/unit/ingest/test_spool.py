@@ -26,11 +26,11 @@ from service.ingest.spool import (
 STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
 
 
-@pytest.fixture(params=["tmpfile", "named-partial"])
+@pytest.fixture(params=["tmpfile", "named-partial", "tmpfile-fsync-directory"])
 def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool")
+    spool = Spool(tmp_path / "spool", fsync_directory=request.param.endswith("directory"))
     spool.prepare()
-    spool._use_tmpfile = request.param == "tmpfile" and spool._use_tmpfile
+    spool._use_tmpfile = request.param.startswith("tmpfile") and spool._use_tmpfile
     return spool
 
 
