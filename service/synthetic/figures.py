@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +48,22 @@ def _square(plane: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
 
 
 def oblique_mip(phantom: Phantom, angle_deg: float = 35.0, threshold: float = 180.0) -> np.ndarray:
-    """Maximum intensity projection of bone after rotating the patient ``angle_deg`` about
-    the vertical axis: a '3D-ish' view of the whole spine. Rows head to feet."""
+    """Slab maximum intensity projection of bone around the spine (12 mm in front of and
+    behind the vertebrae, 60 mm left and right, so the mandible and shoulders stay out)
+    after rotating the patient ``angle_deg`` about the vertical axis: a '3D-ish' view.
+    Rows head to feet."""
     from scipy.ndimage import rotate
 
-    step = max(1, phantom.shape[1] // 256)
-    vol = phantom.hu[:, ::step, ::step].astype(np.float32)
+    zz, yy, xx = np.nonzero(phantom.labels[::4, ::4, ::4] > 0)
+    margin = int(round(12.0 / phantom.spacing[1]))
+    y0, y1 = max(4 * yy.min() - margin, 0), 4 * yy.max() + margin
+    xc = int(4 * np.median(xx))
+    half = int(round(60.0 / phantom.spacing[2]))
+    x0, x1 = max(xc - half, 0), xc + half
+    step = max(1, (x1 - x0) // 200)
+    vol = phantom.hu[:, y0:y1:step, x0:x1:step].astype(np.float32)
     vol = np.where(vol > threshold, vol, threshold)
-    rotated = rotate(vol, angle_deg, axes=(1, 2), reshape=False, order=1, cval=threshold)
+    rotated = rotate(vol, angle_deg, axes=(1, 2), reshape=True, order=1, cval=threshold)
     mip = rotated.max(axis=1)[::-1]
     return _square(mip, phantom.spacing[0], phantom.spacing[2] * step)
 
@@ -92,13 +99,21 @@ def render_panel(phantom: Phantom, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), dpi=100,
                              gridspec_kw={"width_ratios": [1, 1, 1]})
     lo, hi = BONE_WINDOW
-    axes[0].imshow(_window(phantom.hu[k], lo, hi), cmap="gray", interpolation="nearest")
-    axes[0].set_title(f"axial z={k}: {axial_title}", fontsize=10)
+    # Axial: a 120 mm square around the spine, so the vertebra is large enough to judge.
+    ys, xs = np.nonzero((phantom.labels[k] > 0) | (phantom.labels.max(axis=0) > 0))
+    half = int(round(60.0 / phantom.spacing[1]))
+    cy, cx = (int(np.median(ys)), int(np.median(xs))) if len(ys) else (
+        phantom.shape[1] // 2, phantom.shape[2] // 2)
+    r0, c0 = max(cy - half, 0), max(cx - half, 0)
+    axes[0].imshow(_window(phantom.hu[k, r0:r0 + 2 * half, c0:c0 + 2 * half], lo, hi),
+                   cmap="gray", interpolation="nearest")
+    axes[0].set_title(f"axial z={k} (120 mm crop): {axial_title}", fontsize=10)
     for f in phantom.fractures:
         for z, y0, x0, y1, x1 in f.slice_boxes:
             if z == k:
-                axes[0].add_patch(patches.Rectangle((x0 - 2, y0 - 2), x1 - x0 + 4, y1 - y0 + 4,
-                                                    fill=False, edgecolor="red", lw=0.8))
+                axes[0].add_patch(patches.Rectangle((x0 - c0 - 2, y0 - r0 - 2), x1 - x0 + 4,
+                                                    y1 - y0 + 4, fill=False, edgecolor="red",
+                                                    lw=0.8))
     sag = sagittal(phantom, x)
     axes[1].imshow(_window(sag, lo, hi), cmap="gray", interpolation="bilinear")
     axes[1].set_title(f"sagittal reformat, column {x}", fontsize=10)
@@ -119,7 +134,7 @@ def render_panel(phantom: Phantom, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -151,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"mimics: {mims}; {phantom.spacing[1]:.2f} mm pixels, "
                  f"{phantom.spacing[0]:.3f} mm slices, {phantom.kernel} kernel")
         render_panel(phantom, args.out / f"{name}.png", title)
-        print(f"{name}: {math.fsum(phantom.timings.values()):.1f} s -> {args.out / name}.png")
+        print(f"{name}: generated in {phantom.timings['total']:.1f} s -> "
+              f"{args.out / name}.png")
     return 0
 
 

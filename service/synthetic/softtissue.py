@@ -204,17 +204,21 @@ def paint_slice(img: np.ndarray, z: float, xs: np.ndarray, ys: np.ndarray,
         wobble = 1.0 + 0.06 * math.sin(0.05 * z + 1.7 * k)
         painter.ring(bx, spin_y + dy, rx * s * wobble, ry * s, th, p.fat_hu * 0.6,
                      y_min=spin_y + 4.0 + 3.0 * k)
-    painter.ellipse(bx, by + 60.0 * s, 1.6, 22.0 * s, p.fat_hu * 0.5)  # nuchal septum
+    painter.ellipse(bx, by + 58.0 * s, 1.2, 12.0 * s, 20.0)  # ligamentum nuchae
     neck = h.t1 + 5 < z < h.skull + 5
     if neck:
-        # Sternocleidomastoid muscles in fat, anterolateral.
-        scm_x = min(0.62 * half_w, 0.62 * p.neck_half_width * 1.05)
-        scm_y = by - 8.0 * s + _interp(z, [(h.c7, -26.0), (h.c4, -14.0), (h.c1, 6.0)])
+        # Sternocleidomastoid muscles under the skin: anterolateral low in the neck,
+        # lateral high up; long axis along the outline.
+        phi = math.radians(_interp(z, [(h.c7, 58.0), (h.c4, 42.0), (h.c2, 18.0),
+                                       (h.c1, 8.0)]))
+        inset_w = min(half_w, 1.25 * hw) - fat - 8.0 * s
+        inset_d = half_d - fat - 8.0 * s
         for side in (-1.0, 1.0):
-            painter.ellipse(bx + side * scm_x, scm_y, 7.5 * s, 14.0 * s, p.fat_hu * 0.7,
-                            angle_deg=side * 35.0)
-            painter.ellipse(bx + side * scm_x, scm_y, 6.3 * s, 12.8 * s, p.muscle_hu + 3,
-                            angle_deg=side * 35.0)
+            sx = bx + side * inset_w * math.cos(phi)
+            sy = cy - inset_d * math.sin(phi)
+            angle = -side * math.degrees(phi)
+            painter.ellipse(sx, sy, 7.6 * s, 14.0 * s, p.fat_hu * 0.7, angle_deg=angle)
+            painter.ellipse(sx, sy, 6.4 * s, 12.8 * s, p.muscle_hu + 3, angle_deg=angle)
         # Carotid sheath: artery medial, jugular lateral, in a fat collar.
         for side in (-1.0, 1.0):
             car_x, car_y = bx + side * 19.0 * s, by - body_b - 8.0 * s
@@ -259,6 +263,13 @@ def paint_slice(img: np.ndarray, z: float, xs: np.ndarray, ys: np.ndarray,
         painter.ellipse(cx_c, cy_c + 0.5 * cb, 0.7 * ca, 0.45 * cb, p.fat_hu * 0.7)
         painter.ellipse(cx_c, cy_c, 0.95 * ca, 0.82 * cb, HU.csf)
         painter.ellipse(cx_c, cy_c - 0.12 * cb, 0.5 * ca, 0.55 * cb, HU.cord)
+    # The table and the head holder under the patient (plastic / carbon fibre).
+    back = cy + half_d
+    painter.ring(bx, cy, min(half_w, 1.3 * hw) + 6.0, half_d + 6.0, 2.5, 180.0,
+                 y_min=cy + 0.55 * half_d)
+    painter.ellipse(bx, back + 30.0, 300.0, 4.0, -150.0)
+    painter.ellipse(bx, back + 26.0, 300.0, 0.8, 300.0)
+    painter.ellipse(bx, back + 34.0, 300.0, 0.8, 300.0)
     # Brain (cerebellum, brainstem) inside the posterior fossa, above the foramen magnum.
     sk = geo.skull
     fossa = sk.to_world((0.0, 30.0 * s, 42.0 * s))
