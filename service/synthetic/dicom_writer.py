@@ -42,6 +42,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -224,7 +225,7 @@ def _gdcm_jpeg_lossless(frame: np.ndarray, bits_stored: int, signed: bool) -> by
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.4")
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = "1.2.3.4"
     ds.Rows, ds.Columns = frame.shape
@@ -295,10 +296,10 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 def _file_meta(sop_class: str, sop_instance: str, syntax: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     return meta
 

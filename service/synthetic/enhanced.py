@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import EnhancedCTImageStorage
+from pydicom.uid import UID, EnhancedCTImageStorage
 
 if TYPE_CHECKING:
     from service.synthetic.dicom_writer import WriterOptions
@@ -193,5 +193,5 @@ def build_legacy_converted(datasets: list[Dataset], series_uid: str, number: int
     image = hd.legacy.LegacyConvertedEnhancedCTImage(
         datasets, series_instance_uid=series_uid, series_number=number,
         sop_instance_uid=sop_uid, instance_number=1, transfer_syntax_uid=transfer_syntax)
-    image.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    image.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     return image

@@ -143,8 +143,8 @@ def write_dose_report(phantom: Phantom, out_dir: Path, options: WriterOptions) -
     )
     sc.SeriesDescription = "Dose Report"
     sc.Laterality = ""
-    sc.ContentDate = when.strftime("%Y%m%d")
-    sc.ContentTime = when.strftime("%H%M%S")
+    sc.ContentDate = when.strftime("%Y%m%d")  # type: ignore[assignment]
+    sc.ContentTime = when.strftime("%H%M%S")  # type: ignore[assignment]
     sc.file_meta = copy.copy(sc.file_meta)
     sc.file_meta.ImplementationClassUID = _file_meta(
         SecondaryCaptureImageStorage, sc.SOPInstanceUID, sc.file_meta.TransferSyntaxUID

@@ -205,10 +205,10 @@ def apply_mimic(obj: BoneObject, parts: VertebraParts, geo: SpineGeometry, level
                                 margin_mm=0.9, sclerosis_hu=sclerosis, truth=key))
     elif mtype == MimicType.BASIVERTEBRAL_CHANNEL:
         w0 = float(rng.uniform(-0.2, 0.2) * c)
-        start = (0.0, b + 0.8, w0)
-        hub = (0.0, b - rng.uniform(5.0, 7.0), w0)
+        entry: Vec = (0.0, b + 0.8, w0)
+        hub: Vec = (0.0, float(b - rng.uniform(5.0, 7.0)), w0)
         r = float(rng.uniform(0.9, 1.4))
-        obj.carves.append(Carve(Capsule(start, hub, r, r * 0.8), margin_mm=1.0,
+        obj.carves.append(Carve(Capsule(entry, hub, r, r * 0.8), margin_mm=1.0,
                                 sclerosis_hu=sclerosis, truth=key))
         for side in (-1.0, 1.0):
             branch = (side * rng.uniform(2.5, 4.0), hub[1] - rng.uniform(1.5, 3.0),
@@ -239,8 +239,8 @@ def apply_mimic(obj: BoneObject, parts: VertebraParts, geo: SpineGeometry, level
         posterior = rng.random() < 0.85
         lm = np.asarray(parts.landmarks["posterior_arch" if posterior else "anterior_arch"])
         gap = float(rng.uniform(1.5, 3.5))
-        shape = Ellipsoid(tuple(lm), (gap, 6.0 * s, 7.0 * s))  # type: ignore[arg-type]
-        obj.carves.append(Carve(shape, margin_mm=1.3, sclerosis_hu=sclerosis, truth=key))
+        cleft = Ellipsoid(tuple(lm), (gap, 6.0 * s, 7.0 * s))  # type: ignore[arg-type]
+        obj.carves.append(Carve(cleft, margin_mm=1.3, sclerosis_hu=sclerosis, truth=key))
     elif mtype == MimicType.OS_ODONTOIDEUM:
         base = np.asarray(parts.landmarks["dens_base"]) + np.array([0.0, 0.0, 3.5 * s])
         gap = float(rng.uniform(1.3, 2.2))
@@ -276,8 +276,8 @@ def apply_mimic(obj: BoneObject, parts: VertebraParts, geo: SpineGeometry, level
         lam = np.asarray(parts.landmarks["lamina_l"])
         ca = geo.levels[level].canal[0]
         center = (0.0, lam[1] + 12.0 * s, lam[2] - 2.0 * s)
-        shape = RoundBox(center, (ca - 0.5, 18.0 * s, 12.0 * s), radius=3.0)
-        obj.carves.append(Carve(shape, margin_mm=1.0, sclerosis_hu=sclerosis * 0.6, truth=key))
+        defect = RoundBox(center, (ca - 0.5, 18.0 * s, 12.0 * s), radius=3.0)
+        obj.carves.append(Carve(defect, margin_mm=1.0, sclerosis_hu=sclerosis * 0.6, truth=key))
     else:
         raise ValueError(f"{mtype} is an image-domain mimic, not a bone change")
     return []

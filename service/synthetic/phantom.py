@@ -37,7 +37,7 @@ from service.synthetic.options import (
     PatientInfo,
     PhantomOptions,
 )
-from service.synthetic.shapes import Capsule, RoundBox
+from service.synthetic.shapes import Capsule, RoundBox, Shape
 
 logger = logging.getLogger(__name__)
 
@@ -359,24 +359,24 @@ def generate_phantom(options: PhantomOptions) -> Phantom:
     # ---- ground truth
     fractures: list[FractureTruth] = []
     for key, spec, disp in pending_fractures:
-        extent = truth.get(key)
-        box = extent.bbox if extent else None
-        if extent is None or box is None:
+        found = truth.get(key)
+        box = found.bbox if found else None
+        if found is None or box is None:
             logger.info("fracture %s at %s fell outside the volume; dropped", spec.type,
                         spec.vertebra)
             continue
         fractures.append(FractureTruth(str(spec.vertebra), spec.type, box, round(disp, 2),
-                                       _center_lps(box, grid), extent.slice_boxes()))
+                                       _center_lps(box, grid), found.slice_boxes()))
     mimics: list[MimicTruth] = []
     for key, mspec in pending_mimics + image_mimics:
-        extent = truth.get(key)
-        box = extent.bbox if extent else None
-        if extent is None or box is None:
+        found = truth.get(key)
+        box = found.bbox if found else None
+        if found is None or box is None:
             logger.info("mimic %s at %s fell outside the volume; dropped", mspec.type,
                         mspec.vertebra)
             continue
         mimics.append(MimicTruth(mspec.type, mspec.vertebra, box, _center_lps(box, grid),
-                                 extent.slice_boxes()))
+                                 found.slice_boxes()))
     fractured = {n: any(f.vertebra == n for f in fractures) for n in VERTEBRA_NAMES}
     timings["total"] = time.perf_counter() - t_start
     logger.debug("phantom seed=%d shape=%s timings=%s", seed, grid.shape, timings)
@@ -416,7 +416,7 @@ def _metal_objects(geo: spine.SpineGeometry, rng: np.random.Generator) -> list[B
     objs.append(BoneObject("metal_plate", 0, center, lu.rot, [plate], cortex_hu=3071.0,
                            cancellous_hu=3071.0, cortex_mm=1.0, texture_hu=0.0))
     for lv in (lu, ll):
-        screws = [Capsule((side * 4.0, -lv.body[1] - 1.5, 0.0),
+        screws: list[Shape] = [Capsule((side * 4.0, -lv.body[1] - 1.5, 0.0),
                           (side * 2.5, lv.body[1] - 3.0, 0.5), 1.9, 1.5) for side in (-1, 1)]
         objs.append(BoneObject(f"metal_screws_{lv.name}", 0, lv.center, lv.rot, screws,
                                cortex_hu=3071.0, cancellous_hu=3071.0, cortex_mm=1.0,

@@ -117,7 +117,7 @@ def paint_streaks(img: np.ndarray, xs: np.ndarray, ys: np.ndarray,
         field = np.exp(-(dist / np.float32(st.width_mm)) ** 2) * np.float32(st.amplitude)
         if st.fade_mm > 0:
             along = np.sqrt(x * x + y * y)
-            field = field / (1 + along / np.float32(st.fade_mm))
+            field = (field / (1 + along / np.float32(st.fade_mm))).astype(np.float32)
         total[rows] += field
     if mask_min_hu is not None:
         total *= img > np.float32(mask_min_hu)

@@ -96,12 +96,13 @@ def _send_batch(items: list[tuple[Path, str, str]], host: str, port: int, called
             if not assoc.is_established:
                 report.failed.append((str(path), "association lost"))
                 continue
-            ds = dcmread(path)
+            ds: Dataset = dcmread(path)
             if (sop, ts) not in accepted:
-                ds = _uncompressed_copy(ds, sop, accepted)
-                if ds is None:
+                converted = _uncompressed_copy(ds, sop, accepted)
+                if converted is None:
                     report.failed.append((str(path), f"no accepted context for {sop}"))
                     continue
+                ds = converted
             status = assoc.send_c_store(ds)
             code = int(getattr(status, "Status", -1)) if status else -1
             key = f"0x{code:04X}" if code >= 0 else "no response"
