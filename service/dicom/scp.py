@@ -28,7 +28,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -46,6 +47,8 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     Verification,
@@ -169,7 +172,8 @@ class StorageSCP:
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(ModalityPerformedProcedureStep, ALL_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[Any]:
@@ -234,7 +238,7 @@ class StorageSCP:
     # --- association events --------------------------------------------------------------------
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        primitive = assoc.requestor.primitive
+        primitive = cast(A_ASSOCIATE, assoc.requestor.primitive)
         calling = str(primitive.calling_ae_title).strip()
         called = str(primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
@@ -311,9 +315,9 @@ class StorageSCP:
             return _status(STATUS_UNEXPECTED, "unexpected error; see SCP log")
 
     def _store(self, event: evt.Event, stats: AssociationStats) -> int | Dataset:
-        request = event.request
+        request = cast(C_STORE, event.request)
         transfer_syntax = event.context.transfer_syntax
-        dataset_bytes = request.DataSet.getvalue()
+        dataset_bytes = cast(BytesIO, request.DataSet).getvalue()
         try:
             keys = scan_dataset(dataset_bytes, transfer_syntax)
         except UndecodableDataset as exc:
@@ -365,13 +369,14 @@ class StorageSCP:
     # --- MPPS ---------------------------------------------------------------------------------
     def on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
         stats = self._stats_for(event.assoc)
-        if str(event.request.AffectedSOPClassUID) != ModalityPerformedProcedureStep:
+        request = cast(N_CREATE, event.request)
+        if str(request.AffectedSOPClassUID) != ModalityPerformedProcedureStep:
             return 0x0122, None  # SOP class not supported
         try:
             attributes = event.attribute_list
         except Exception:  # noqa: BLE001
             return STATUS_PROCESSING_FAILURE, None
-        uid = event.request.AffectedSOPInstanceUID
+        uid = request.AffectedSOPInstanceUID
         reply = Dataset()
         if uid is None:
             from pydicom.uid import generate_uid
@@ -405,7 +410,8 @@ class StorageSCP:
 
     def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
         stats = self._stats_for(event.assoc)
-        if str(event.request.RequestedSOPClassUID) != ModalityPerformedProcedureStep:
+        set_request = cast(N_SET, event.request)
+        if str(set_request.RequestedSOPClassUID) != ModalityPerformedProcedureStep:
             return 0x0122, None
         if self.session_factory is None:
             return STATUS_PROCESSING_FAILURE, None
@@ -413,7 +419,7 @@ class StorageSCP:
             changes = event.modification_list
         except Exception:  # noqa: BLE001
             return STATUS_PROCESSING_FAILURE, None
-        uid = str(event.request.RequestedSOPInstanceUID)
+        uid = str(set_request.RequestedSOPInstanceUID)
         try:
             with self.session_factory() as session, session.begin():
                 step = session.execute(

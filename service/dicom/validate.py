@@ -19,9 +19,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class DatasetKeys:
 
     def header_dataset(self) -> Dataset:
         """A pydicom Dataset of the captured elements; values convert lazily on access."""
-        elements = {
+        elements: dict[BaseTag, DataElement | RawDataElement] = {
             Tag(tag): RawDataElement(Tag(tag), vr, len(value), value, 0, self.implicit_vr,
                                      self.little_endian)
             for tag, (vr, value) in sorted(self.elements.items())

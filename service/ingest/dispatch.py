@@ -21,9 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Result, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import record
@@ -35,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 STALE_CLAIM_S = 120.0
 EVENT_ENQUEUED = "analysis.enqueued"
+
+
+def affected_rows(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE (typed access to ``CursorResult.rowcount``)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def model_version(settings: Settings) -> str:
@@ -103,7 +109,7 @@ def supersede_series_analyses(session: Session, series_id: int, by_analysis_id: 
         .where(Analysis.series_id == series_id, Analysis.id != by_analysis_id,
                Analysis.state != AnalysisState.SUPERSEDED)
         .values(state=AnalysisState.SUPERSEDED, superseded_by_id=by_analysis_id))
-    count = int(getattr(result, "rowcount", 0) or 0)
+    count = affected_rows(result)
     if count:
         logger.info("analysis %d supersedes %d earlier analyses of series %d", by_analysis_id,
                     count, series_id)
@@ -144,10 +150,10 @@ class AnalysisDispatcher:
             return False
         now = self._clock()
         with self._factory() as session, session.begin():
-            claimed = session.execute(
+            claimed = affected_rows(session.execute(
                 update(Analysis)
                 .where(Analysis.id == analysis_id, Analysis.state == AnalysisState.PENDING)
-                .values(state=AnalysisState.QUEUED, queued_at=now, task_id=None)).rowcount
+                .values(state=AnalysisState.QUEUED, queued_at=now, task_id=None)))
             if not claimed:
                 return False
             series_id = session.execute(select(Analysis.series_id)
@@ -187,11 +193,11 @@ class AnalysisDispatcher:
 
     def _unclaim(self, analysis_id: int, series_id: int) -> None:
         with self._factory() as session, session.begin():
-            undone = session.execute(
+            undone = affected_rows(session.execute(
                 update(Analysis)
                 .where(Analysis.id == analysis_id, Analysis.state == AnalysisState.QUEUED,
                        Analysis.task_id.is_(None))
-                .values(state=AnalysisState.PENDING, queued_at=None)).rowcount
+                .values(state=AnalysisState.PENDING, queued_at=None)))
             if undone:
                 session.execute(update(Series)
                                 .where(Series.id == series_id,

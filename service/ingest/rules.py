@@ -176,52 +176,64 @@ def _first_item(ds: Dataset, *path: str) -> Dataset | None:
     return current
 
 
+def _vector(value: Any) -> Vector | None:
+    numbers = _floats(value, 3)
+    return (numbers[0], numbers[1], numbers[2]) if numbers else None
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    numbers = _floats(value, 2)
+    return (numbers[0], numbers[1]) if numbers else None
+
+
 def slices_from_dataset(ds: Dataset) -> list[SliceInfo]:
     """One :class:`SliceInfo` per image: per frame for enhanced multi-frame CT."""
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))
-    base = {
-        "sop_instance_uid": text(ds, "SOPInstanceUID") or "",
-        "sop_class_uid": text(ds, "SOPClassUID") or "",
-        "modality": (text(ds, "Modality") or "").upper() or None,
-        "image_type": image_type,
-        "rows": int(ds.Rows) if "Rows" in ds else None,
-        "columns": int(ds.Columns) if "Columns" in ds else None,
-        "gantry_tilt_deg": number(ds, "GantryDetectorTilt"),
-        "kernel": text(ds, "ConvolutionKernel"),
-    }
-    frames = ds.get("PerFrameFunctionalGroupsSequence")
-    if frames:
-        shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-        out = []
-        for frame in frames:
-            def pick(seq: str, frame: Dataset = frame) -> Dataset | None:
-                return _first_item(frame, seq) or (shared and _first_item(shared, seq))
+    sop_instance_uid = text(ds, "SOPInstanceUID") or ""
+    sop_class_uid = text(ds, "SOPClassUID") or ""
+    modality = (text(ds, "Modality") or "").upper() or None
+    rows = int(ds.Rows) if "Rows" in ds else None
+    columns = int(ds.Columns) if "Columns" in ds else None
+    tilt = number(ds, "GantryDetectorTilt")
+    kernel = text(ds, "ConvolutionKernel")
 
-            orientation_item = pick("PlaneOrientationSequence")
-            position_item = pick("PlanePositionSequence")
-            measures = pick("PixelMeasuresSequence")
-            reconstruction = pick("CTReconstructionSequence")
-            spacing = _floats(measures.get("PixelSpacing"), 2) if measures else None
-            kernel = base["kernel"]
-            if reconstruction is not None:
-                kernel = text(reconstruction, "ConvolutionKernel") or kernel
-            out.append(SliceInfo(
-                **{**base, "kernel": kernel},
-                orientation=_floats(orientation_item.get("ImageOrientationPatient"), 6)
-                if orientation_item else None,
-                position=_floats(position_item.get("ImagePositionPatient"), 3)  # type: ignore[arg-type]
-                if position_item else None,
-                thickness_mm=number(measures, "SliceThickness") if measures else None,
-                pixel_spacing=spacing,  # type: ignore[arg-type]
-            ))
-        return out
-    return [SliceInfo(
-        **base,
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        thickness_mm=number(ds, "SliceThickness"),
-        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
-    )]
+    def make(orientation: tuple[float, ...] | None, position: Vector | None,
+             thickness: float | None, spacing: tuple[float, float] | None,
+             frame_kernel: str | None) -> SliceInfo:
+        return SliceInfo(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                         modality=modality, image_type=image_type, orientation=orientation,
+                         position=position, thickness_mm=thickness, rows=rows, columns=columns,
+                         pixel_spacing=spacing, gantry_tilt_deg=tilt, kernel=frame_kernel)
+
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames:
+        return [make(_floats(ds.get("ImageOrientationPatient"), 6),
+                     _vector(ds.get("ImagePositionPatient")), number(ds, "SliceThickness"),
+                     _pair(ds.get("PixelSpacing")), kernel)]
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    out = []
+    for frame in frames:
+        def pick(seq: str, frame: Dataset = frame) -> Dataset | None:
+            found = _first_item(frame, seq)
+            if found is None and shared is not None:
+                found = _first_item(shared, seq)
+            return found
+
+        orientation_item = pick("PlaneOrientationSequence")
+        position_item = pick("PlanePositionSequence")
+        measures = pick("PixelMeasuresSequence")
+        reconstruction = pick("CTReconstructionSequence")
+        frame_kernel = kernel
+        if reconstruction is not None:
+            frame_kernel = text(reconstruction, "ConvolutionKernel") or kernel
+        out.append(make(
+            _floats(orientation_item.get("ImageOrientationPatient"), 6)
+            if orientation_item else None,
+            _vector(position_item.get("ImagePositionPatient")) if position_item else None,
+            number(measures, "SliceThickness") if measures else None,
+            _pair(measures.get("PixelSpacing")) if measures else None,
+            frame_kernel))
+    return out
 
 
 def _normal(orientation: Sequence[float]) -> Vector:
@@ -229,6 +241,10 @@ def _normal(orientation: Sequence[float]) -> Vector:
     nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
     length = math.sqrt(nx * nx + ny * ny + nz * nz) or 1.0
     return nx / length, ny / length, nz / length
+
+
+def _dot(a: Vector, b: Vector) -> float:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 
 
 def _angle_deg(a: Vector, b: Vector) -> float:
@@ -310,7 +326,7 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     if any(s.orientation is None or s.position is None for s in slices):
         return _refuse(ReasonCode.MISSING_GEOMETRY,
                        "Image Orientation/Position (Patient) missing on some images", metrics)
-    normals = [_normal(s.orientation) for s in slices]  # type: ignore[arg-type]
+    normals = [_normal(s.orientation) for s in slices if s.orientation is not None]
     reference = normals[0]
     worst = max(_angle_deg(reference, n) for n in normals)
     metrics["orientation_spread_deg"] = round(worst, 3)
@@ -328,8 +344,7 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
         return _refuse(ReasonCode.NOT_AXIAL, f"slice normal {axial_angle:.1f} deg from the "
                        "feet-head axis: not an axial stack", metrics)
 
-    positions = sorted(sum(p * n for p, n in zip(s.position, reference, strict=True))  # type: ignore[arg-type]
-                       for s in slices)
+    positions = sorted(_dot(s.position, reference) for s in slices if s.position is not None)
     gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
     thicknesses = [s.thickness_mm for s in slices if s.thickness_mm]
     spacing = _median(gaps) if gaps else None

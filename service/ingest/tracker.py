@@ -47,6 +47,7 @@ from service.db.tables import (
 from service.db.types import utcnow
 from service.ingest.dispatch import (
     AnalysisDispatcher,
+    affected_rows,
     create_analysis,
     input_fingerprint,
     model_version,
@@ -240,10 +241,10 @@ class Tracker:
                 conditions.append(Series.last_received_at.is_(None))
             else:
                 conditions.append(Series.last_received_at == progress.last_received_at)
-            claimed = session.execute(
+            claimed = affected_rows(session.execute(
                 update(Series).where(*conditions)
                 .values(state=SeriesState.COMPLETE, completed_at=now,
-                        completion_reason=reason.value, updated_at=now)).rowcount
+                        completion_reason=reason.value, updated_at=now)))
             if not claimed:
                 return False
             study_uid = session.execute(
@@ -268,11 +269,11 @@ class Tracker:
         claimed = []
         for series_id, completed_at in rows:
             with self._factory() as session, session.begin():
-                if session.execute(
+                if affected_rows(session.execute(
                         update(Series)
                         .where(Series.id == series_id, Series.state == SeriesState.COMPLETE,
                                Series.qualified.is_(None), Series.completed_at == completed_at)
-                        .values(completed_at=self._clock())).rowcount:
+                        .values(completed_at=self._clock()))):
                     claimed.append(series_id)
         return claimed
 
@@ -314,7 +315,7 @@ class Tracker:
             if not decision.qualified:
                 values.update(state=SeriesState.NOT_ANALYZABLE,
                               state_reason=decision.reason.value, state_detail=decision.detail)
-            if not session.execute(update(Series).where(*guard).values(**values)).rowcount:
+            if not affected_rows(session.execute(update(Series).where(*guard).values(**values))):
                 logger.info("series %d changed while it was being qualified: later", series_id)
                 return
             series_uid, study_uid, selected_id = session.execute(
