@@ -180,3 +180,26 @@ def test_real_scanner_series_is_decided_with_a_reason(real_ct_dir: Path,
     # A head-and-neck planning CT with no descriptions: refused, with a reason, never a crash.
     assert decision.reason is ReasonCode.NOT_CERVICAL
     assert decision.metrics["modality"] == "CT"
+
+
+@pytest.mark.parametrize("variant", range(7))
+def test_every_synthetic_description_variant_qualifies(variant: int, settings: Settings,
+                                                       tmp_path: Path) -> None:
+    """The description/protocol/body-part variants the phantom writer draws from practice."""
+    from pydicom import dcmread
+
+    from service.synthetic.dicom_writer import (
+        DESCRIPTION_VARIANTS,
+        WriterOptions,
+        write_series,
+    )
+    from service.synthetic.options import PhantomOptions
+    from service.synthetic.phantom import generate_phantom
+
+    assert len(DESCRIPTION_VARIANTS) == 7
+    phantom = generate_phantom(PhantomOptions(seed=variant, n_slices=24, matrix=64,
+                                              pixel_spacing=3.0, slice_spacing=2.0))
+    paths = write_series(phantom, tmp_path, WriterOptions(description_variant=variant))
+    decision = evaluate([dcmread(p, stop_before_pixels=True) for p in paths],
+                        load_rules(settings))
+    assert decision.qualified, (DESCRIPTION_VARIANTS[variant], decision.detail)
