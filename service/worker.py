@@ -197,6 +197,7 @@ def _is_current(session: Session, analysis: Analysis) -> bool:
 
 def _load_and_infer(ctx: WorkerContext, claim: _Claim) -> tuple[Any, Any, dict[str, float]]:
     """Load the series and run the model; returns (volume, findings, durations)."""
+    from service.imaging.qc import check_cervical_spine
     from service.imaging.volume import load_series
     from service.inference.pipeline import run_pipeline
     from service.inference.runtime import get_runtime
@@ -208,6 +209,8 @@ def _load_and_infer(ctx: WorkerContext, claim: _Claim) -> tuple[Any, Any, dict[s
     runtime = get_runtime(ctx.settings)
     findings = run_pipeline(volume, runtime, ctx.settings, load_seconds=durations["load"])
     durations.update(findings.stage_durations)
+    # Decided after segmentation: a neck CT with too few cervical vertebrae is not ours.
+    check_cervical_spine(findings.in_view)
     return volume, findings, durations
 
 
