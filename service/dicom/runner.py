@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -33,6 +34,7 @@ from service.ingest.tracker import Tracker
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+RETRY_DATABASE_S = 5.0
 
 
 class NotMigrated(RuntimeError):
@@ -47,6 +49,52 @@ def check_schema(engine: Engine, settings: Settings) -> None:
     if current != head:
         raise NotMigrated(f"database at revision {current}, code expects {head}: "
                           "run `triage db upgrade`")
+
+
+def check_schema_if_reachable(engine: Engine, settings: Settings) -> bool:
+    """:func:`check_schema`, but a database that does not answer is not fatal: ``False``.
+
+    The SCP keeps receiving into the spool while the database is down (the spool is the
+    truth); the bookkeeper writes the rows when it is back.
+    """
+    try:
+        check_schema(engine, settings)
+    except OperationalError as exc:
+        logger.error("database unavailable at start (%s): receiving into the spool anyway; "
+                     "rows are written when it is back", str(exc).splitlines()[0][:200])
+        return False
+    return True
+
+
+def start_rebuild(engine: Engine, factory: sessionmaker[Session], spool: Spool,
+                  settings: Settings, stop: threading.Event) -> RebuildReport | None:
+    """Rebuild database rows from the spool now, or - database down - as soon as it is back,
+    in a background thread (receiving does not wait for it)."""
+    def rebuild() -> RebuildReport:
+        return rebuild_from_spool(
+            spool, factory,
+            use_images_in_acquisition=settings.completion_use_images_in_acquisition)
+
+    if check_schema_if_reachable(engine, settings):
+        return rebuild()
+
+    def retry() -> None:
+        reported = False
+        while not stop.wait(RETRY_DATABASE_S):
+            try:
+                check_schema(engine, settings)
+                rebuild()
+                logger.info("database back: spool rebuild done")
+                return
+            except OperationalError:
+                continue
+            except NotMigrated as exc:  # reachable but not migrated yet: keep waiting
+                if not reported:
+                    logger.error("%s", exc)
+                    reported = True
+
+    threading.Thread(target=retry, name="ingest-rebuild", daemon=True).start()
+    return None
 
 
 def make_spool(settings: Settings) -> Spool:
@@ -72,18 +120,19 @@ class IngestNode:
         self.tracker: Tracker | None = None
         self.scp: StorageSCP | None = None
         self.rebuild_report: RebuildReport | None = None
+        self._stop_event = threading.Event()
 
     def start(self, host: str | None = None, port: int | None = None) -> int:
         """Rebuild (if asked), start bookkeeper, SCP and tracker; returns the bound port."""
         settings = self.settings
         self.engine = make_engine(settings.db_url)
-        check_schema(self.engine, settings)
         self.session_factory = make_session_factory(self.engine)
         self.spool = make_spool(settings)
         if self.rebuild:
-            self.rebuild_report = rebuild_from_spool(
-                self.spool, self.session_factory,
-                use_images_in_acquisition=settings.completion_use_images_in_acquisition)
+            self.rebuild_report = start_rebuild(self.engine, self.session_factory, self.spool,
+                                                settings, self._stop_event)
+        else:
+            check_schema_if_reachable(self.engine, settings)
         if self.with_tracker:
             self.tracker = Tracker(self.session_factory, settings, self.spool)
         self.bookkeeper = Bookkeeper(
@@ -101,10 +150,11 @@ class IngestNode:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting, finish running associations, flush, stop the tracker."""
+        self._stop_event.set()
         if self.scp is not None:
             self.scp.stop(grace_s)
         if self.bookkeeper is not None:
-            self.bookkeeper.stop()
+            self.bookkeeper.stop(timeout_s=10.0)
         if self.tracker is not None:
             self.tracker.stop()
         if self.engine is not None:
@@ -156,12 +206,13 @@ def serve_scp(settings: Settings, *, processes: int | None = None, with_tracker:
         return 0
 
     engine = make_engine(settings.db_url)
-    check_schema(engine, settings)
     factory = make_session_factory(engine)
     spool = make_spool(settings)
+    stopping = threading.Event()
     if rebuild:
-        rebuild_from_spool(spool, factory,
-                           use_images_in_acquisition=settings.completion_use_images_in_acquisition)
+        start_rebuild(engine, factory, spool, settings, stopping)
+    else:
+        check_schema_if_reachable(engine, settings)
     tracker = Tracker(factory, settings, spool) if with_tracker else None
     context = multiprocessing.get_context("spawn")
     children: list[Any] = []
@@ -192,6 +243,7 @@ def serve_scp(settings: Settings, *, processes: int | None = None, with_tracker:
     try:
         _wait_for_signal(supervise)
     finally:
+        stopping.set()
         for child in children:
             if child.is_alive() and child.pid is not None:
                 os.kill(child.pid, signal.SIGTERM)
@@ -208,7 +260,7 @@ def serve_scp(settings: Settings, *, processes: int | None = None, with_tracker:
 def serve_tracker(settings: Settings) -> int:
     """Only the tracker loop (completion, qualification, enqueue), for separate deployment."""
     engine = make_engine(settings.db_url)
-    check_schema(engine, settings)
+    check_schema_if_reachable(engine, settings)
     tracker = Tracker(make_session_factory(engine), settings, make_spool(settings))
     tracker.start()
     print("ingest tracker running", flush=True)

@@ -512,16 +512,20 @@ class Bookkeeper:
             batch = list(self._pending)
             try:
                 result = self._write(batch)
-            except (OperationalError, DBAPIError) as exc:
-                if isinstance(exc, OperationalError) or exc.connection_invalidated:
-                    self._failures += 1
-                    self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
-                    logger.warning("database unavailable, %d bookkeeping items kept for retry "
-                                   "(%s)", len(batch), self.last_error)
-                    return False
-                result = self._write_one_by_one(batch)
-            except SQLAlchemyError:
-                result = self._write_one_by_one(batch)
+            except Exception as exc:  # noqa: BLE001 - a bad item must not stop the flusher
+                if _is_outage(exc):
+                    return self._keep(batch, exc)
+                try:
+                    result, failed = self._write_one_by_one(batch)
+                except SQLAlchemyError as again:
+                    return self._keep(batch, again)
+                if len(failed) == len(batch):
+                    # Nothing at all could be written (e.g. the schema is not there yet):
+                    # a problem of the database, not of the items. Keep them all.
+                    return self._keep(batch, exc)
+                for item in failed:
+                    logger.error("bookkeeping item skipped (its file stays in the spool; the "
+                                 "next rebuild retries it): %s", _describe(item))
             del self._pending[:len(batch)]
             self._failures = 0
             self.last_error = None
@@ -532,31 +536,48 @@ class Bookkeeper:
                 logger.exception("on_flushed callback failed")
         return not self._pending
 
+    def _keep(self, batch: Sequence[BookItem], exc: Exception) -> bool:
+        self._failures += 1
+        self.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        logger.warning("database unavailable, %d bookkeeping items kept for retry (%s)",
+                       len(batch), self.last_error)
+        return False
+
     def _write(self, batch: Sequence[BookItem]) -> BatchResult:
         with self._factory() as session, session.begin():
             return write_batch(session, batch, use_images_in_acquisition=self._use_iia)
 
-    def _write_one_by_one(self, batch: Sequence[BookItem]) -> BatchResult:
-        """A batch that fails for a reason other than connectivity: isolate the bad item.
+    def _write_one_by_one(self, batch: Sequence[BookItem]
+                          ) -> tuple[BatchResult, list[BookItem]]:
+        """A batch that failed for a reason other than connectivity: isolate bad items.
 
-        The item that cannot be written is logged and skipped (its file stays in the spool,
-        so a rebuild retries it); the rest of the batch goes in.
+        Returns what was written and the items that could not be; an outage meanwhile
+        raises (nothing is lost: every write is idempotent and the caller keeps the batch).
         """
         total = BatchResult()
+        failed: list[BookItem] = []
         for item in batch:
             try:
                 part = self._write([item])
-            except OperationalError:
-                raise
-            except SQLAlchemyError:
-                logger.exception("bookkeeping item skipped: %r", _describe(item))
+            except Exception as exc:  # noqa: BLE001
+                if _is_outage(exc):
+                    raise
+                logger.warning("bookkeeping item failed: %s (%s)", _describe(item),
+                               str(exc).splitlines()[0][:200])
+                failed.append(item)
                 continue
             total.instances_new += part.instances_new
             total.instances_known += part.instances_known
             total.conflicts += part.conflicts
             total.reopened.extend(part.reopened)
             total.touched_series_ids |= part.touched_series_ids
-        return total
+        return total, failed
+
+
+def _is_outage(exc: Exception) -> bool:
+    """Connection-level failures: the database is away, the batch must wait for it."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError)
+                                                 and bool(exc.connection_invalidated))
 
 
 def _describe(item: BookItem) -> str:

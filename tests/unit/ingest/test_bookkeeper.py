@@ -206,3 +206,47 @@ def test_rebuilt_series_completes_by_idle(ingest_env: IngestEnv) -> None:
         series = one_series(session)
         assert series.completion_reason == "idle"
         assert series.qualified is True
+
+
+def test_a_poison_item_is_dropped_the_rest_written(ingest_env: IngestEnv) -> None:
+    keeper = Bookkeeper(ingest_env.factory, interval_s=10)
+    spec = SeriesSpec(slices=3)
+    items = [ingest_env.receive(spec, i) for i in range(3)]
+    poison = AssociationEnded(association_id="x", calling_ae="SCU", called_ae="CSPINE_TRIAGE",
+                              address="127.0.0.1", port=1, started_at=items[0].received_at,
+                              ended_at=items[0].received_at, how="released",
+                              failures={"0xC210": object()})  # type: ignore[dict-item]
+    for item in [items[0], poison, *items[1:]]:
+        keeper.submit(item)
+    assert keeper.flush() is True
+    assert keeper.backlog == 0
+    with ingest_env.factory() as session:
+        assert one_series(session).instance_count == 3
+
+
+def test_missing_schema_keeps_everything_for_later(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from service.db import migrate
+    from service.ingest.spool import Spool
+    from tests.unit.ingest.conftest import IngestEnv as Env
+
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    engine = make_engine(url)
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    env = Env(ingest_env_settings(tmp_path, url), engine, make_session_factory(engine), spool)
+    keeper = Bookkeeper(env.factory, interval_s=10)
+    spec = SeriesSpec(slices=2)
+    for i in range(2):
+        keeper.submit(env.receive(spec, i))
+    assert keeper.flush() is False and keeper.backlog == 2  # no tables yet
+    migrate.upgrade(url)
+    assert keeper.flush() is True
+    with env.factory() as session:
+        assert one_series(session).instance_count == 2
+    engine.dispose()
+
+
+def ingest_env_settings(tmp_path, url):  # type: ignore[no-untyped-def]
+    from service.config import Settings
+
+    return Settings(data_dir=tmp_path / "var", database_url=url)
