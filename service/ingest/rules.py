@@ -43,6 +43,8 @@ class ReasonCode(StrEnum):
     DERIVED_IMAGE = "DERIVED_IMAGE"
     EXCLUDED_DESCRIPTION = "EXCLUDED_DESCRIPTION"
     NOT_CERVICAL = "NOT_CERVICAL"
+    CONFLICTING_DUPLICATES = "CONFLICTING_DUPLICATES"
+    """The same SOP Instance UID arrived with different content: which one is right?"""
     MISSING_GEOMETRY = "MISSING_GEOMETRY"
     NOT_AXIAL = "NOT_AXIAL"
     MIXED_ORIENTATION = "MIXED_ORIENTATION"
@@ -277,10 +279,16 @@ def _refuse(reason: ReasonCode, detail: str, metrics: dict[str, Any]) -> Decisio
     return Decision(False, reason, detail, metrics)
 
 
-def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0) -> Decision:
-    """Decide on one complete series from its instances' headers (pixel data not needed)."""
+def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0,
+             conflicting: int = 0) -> Decision:
+    """Decide on one complete series from its instances' headers (pixel data not needed).
+
+    ``conflicting``: SOP Instance UIDs of the series received with different content (kept
+    side by side in the spool); any makes a cervical CT series not analyzable, since
+    nothing says which copy is the right one.
+    """
     metrics: dict[str, Any] = {"instances": len(datasets), "unreadable": unreadable,
-                               "rules": rules.source}
+                               "conflicting_duplicates": conflicting, "rules": rules.source}
     if not datasets:
         return _refuse(ReasonCode.NO_READABLE_IMAGES, "no readable instance in the series",
                        metrics)
@@ -323,6 +331,10 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
         return _refuse(ReasonCode.NOT_CERVICAL, "no cervical-spine keyword in "
                        f"{', '.join(rules.keyword_fields)}", metrics)
 
+    if conflicting:
+        return _refuse(ReasonCode.CONFLICTING_DUPLICATES,
+                       f"{conflicting} SOP Instance UIDs received twice with different "
+                       "content", metrics)
     if any(s.orientation is None or s.position is None for s in slices):
         return _refuse(ReasonCode.MISSING_GEOMETRY,
                        "Image Orientation/Position (Patient) missing on some images", metrics)

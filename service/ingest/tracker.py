@@ -293,7 +293,10 @@ class Tracker:
             except (UnreadableHeader, OSError) as exc:
                 unreadable += 1
                 logger.warning("series %d: %s", series_id, exc)
-        decision = evaluate(datasets, self._rules, unreadable=unreadable)
+        uids = [sop for sop, _, _ in instances]
+        conflicting = len(uids) - len(set(uids))
+        decision = evaluate(datasets, self._rules, unreadable=unreadable,
+                            conflicting=conflicting)
         fingerprint = input_fingerprint((sop, sha) for sop, sha, _ in instances)
         self._record_decision(series_id, count, decision, fingerprint, report)
 

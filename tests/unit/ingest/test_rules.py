@@ -110,6 +110,12 @@ def test_localizers_inside_a_series_are_skipped_not_fatal(settings: Settings) ->
     assert decision.metrics["localizers_skipped"] == 1
 
 
+def test_conflicting_duplicates_are_not_analyzable(settings: Settings) -> None:
+    decision = evaluate(series(SeriesSpec(slices=30)), load_rules(settings), conflicting=2)
+    assert decision.reason is ReasonCode.CONFLICTING_DUPLICATES
+    assert decision.metrics["conflicting_duplicates"] == 2
+
+
 def test_no_images_at_all(settings: Settings) -> None:
     decision = evaluate([], load_rules(settings), unreadable=3)
     assert decision.reason is ReasonCode.NO_READABLE_IMAGES
