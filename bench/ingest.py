@@ -14,8 +14,10 @@ association, then split over 4 concurrent associations. Peers:
 Both DCMTK tools run with ``TCP_NODELAY=1`` in their environment (DCMTK reads it; without it
 they stall on delayed ACKs). The time is the client's wall time, first storescu start to last
 storescu exit; each configuration runs ``--repeats`` times, interleaved, and the median is
-reported. For our SCP the delay until every instance row is in the database after the client
-finished is printed too (bookkeeping is off the hot path, so it is not in the client's time).
+reported. Every run starts after ``sync`` (outside the timed window), so no receiver pays
+for the disk writeback of another's files. For our SCP the delay until every instance row is
+in the database after the client finished is printed too (bookkeeping is off the hot path, so
+it is not in the client's time).
 Synthetic pixels, not clinical data.
 
     .venv/bin/python -m bench.ingest [--repeats 3] [--processes N] [--database-url URL]
@@ -209,24 +211,24 @@ def send(port: int, called: str, parts: Sequence[Sequence[Path]]) -> float:
 
 def measure(peer: Peer, called: str, parts: Sequence[Sequence[Path]], work: Path,
             expected: int, result: Result, state: dict[str, object]) -> None:
+    """One timed run. Receivers start on an empty directory; what a run wrote is deleted
+    right after it and synced, long before the next timed window (the disk is mounted with
+    online discard here, and a fresh deletion slows the next journal commits)."""
     run_dir = work / peer.name
     proc = state.get(peer.name)
     if peer.restart_each_run or proc is None:
-        if isinstance(proc, subprocess.Popen):
-            stop(proc)
         clear(run_dir)
         port = free_port()
         proc = peer.start(port, run_dir)
         wait_port(port, proc)
         state[peer.name] = proc
         state[peer.name + ".port"] = port
-    else:
-        for child in run_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
     port = int(state[peer.name + ".port"])  # type: ignore[call-overload]
+    # Start every run from a clean page cache: on ext4 (data=ordered) a journal commit also
+    # writes out other files' dirty data, so without this the receiver that fsyncs would pay
+    # for the writeback of whatever the previous (non-fsyncing) receiver left behind.
+    os.sync()
+    time.sleep(1.0)
     seconds = send(port, called, parts)
     result.seconds.append(seconds)
     stored = peer.stored(run_dir)
@@ -240,6 +242,17 @@ def measure(peer: Peer, called: str, parts: Sequence[Sequence[Path]], work: Path
                 raise RuntimeError(f"{peer.name}: database rows incomplete after 60 s")
             time.sleep(0.02)
         result.db_lag.append(time.perf_counter() - finished)
+    if peer.restart_each_run and isinstance(proc, subprocess.Popen):
+        stop(proc)
+        state.pop(peer.name)
+        clear(run_dir)
+    else:
+        for child in run_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    os.sync()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
