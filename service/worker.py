@@ -126,7 +126,8 @@ def _claim(ctx: WorkerContext, analysis_id: int, task_id: str | None) -> _Claim 
         analysis.error = None
         if analysis.queued_at is None:
             analysis.queued_at = now
-        series.state = SeriesState.RUNNING
+        if series.state in (SeriesState.COMPLETE, SeriesState.QUEUED, SeriesState.RUNNING):
+            series.state = SeriesState.RUNNING  # not when the series reopened meanwhile
         instances = session.execute(
             select(Instance.spool_path).where(Instance.series_id == series.id)
             .order_by(Instance.id)
@@ -151,10 +152,11 @@ def _finish_not_analyzable(ctx: WorkerContext, analysis_id: int, reason: str,
         analysis.error = detail[:4000]
         analysis.finished_at = now
         series = analysis.series
-        series.state = SeriesState.NOT_ANALYZABLE
-        series.state_reason = reason
-        series.state_detail = detail[:4000]
-        if _is_current(session, analysis):
+        current = _is_current(session, analysis) and series.state is not SeriesState.RECEIVING
+        if current:
+            series.state = SeriesState.NOT_ANALYZABLE
+            series.state_reason = reason
+            series.state_detail = detail[:4000]
             apply_priority(session, series.study, PriorityPolicy.not_analyzed(reason),
                            analysis=analysis, now=now, actor=ctx.settings.ae_title)
         record(session, "analysis.not_analyzable", outcome="failure",
@@ -174,9 +176,10 @@ def _finish_failed(ctx: WorkerContext, analysis_id: int, error: str) -> None:
         analysis.error = error[:4000]
         analysis.finished_at = utcnow()
         series = analysis.series
-        series.state = SeriesState.FAILED
-        series.state_reason = "ANALYSIS_FAILED"
-        series.state_detail = error[:4000]
+        if _is_current(session, analysis) and series.state is not SeriesState.RECEIVING:
+            series.state = SeriesState.FAILED
+            series.state_reason = "ANALYSIS_FAILED"
+            series.state_detail = error[:4000]
         record(session, "analysis.failed", outcome="failure", actor=ctx.settings.ae_title,
                study_instance_uid=series.study.study_instance_uid,
                series_instance_uid=series.series_instance_uid,
@@ -260,7 +263,7 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
         analysis.state = AnalysisState.DONE
         analysis.finished_at = utcnow()
         analysis.reason_code = None
-        if current:
+        if current and series.state is not SeriesState.RECEIVING:
             series.state = SeriesState.DONE
             series.state_reason = None
             series.state_detail = None

@@ -65,6 +65,10 @@ def record(
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _ADVISORY_LOCK_KEY})
+    elif bind.dialect.name == "sqlite":
+        # A write statement (even one matching no row) opens SQLite's write transaction, so
+        # no other process can append between our read of the chain head and our insert.
+        session.execute(text("UPDATE audit_event SET id = id WHERE id < 0"))
     prev = session.execute(
         select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
     ).scalar_one_or_none()

@@ -15,7 +15,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.tables import Analysis, AnalysisState, AuditEvent, Instance, Series
+from service.db.tables import (
+    Analysis,
+    AnalysisState,
+    AuditEvent,
+    Instance,
+    Series,
+    SeriesState,
+)
+from service.db.types import utcnow
 from service.ingest.bookkeeper import rebuild_from_spool
 from service.ingest.dispatch import create_analysis, input_fingerprint, model_version
 from service.ingest.spool import Spool
@@ -102,6 +110,8 @@ def spool_series(settings: Settings, files: list[Path],
     rebuild_from_spool(spool, factory)
     with factory() as session, session.begin():
         series = session.execute(select(Series)).scalars().one()
+        series.state = SeriesState.COMPLETE  # as the tracker would decide
+        series.completed_at = utcnow()
         pairs = session.execute(select(Instance.sop_instance_uid, Instance.sha256)
                                 .where(Instance.series_id == series.id)).all()
         analysis, _ = create_analysis(session, series.id, model_version(settings),

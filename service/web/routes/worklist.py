@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from service.audit import record
 from service.db.tables import Analysis, AnalysisState, Finding, Priority, Series, Study
 from service.db.types import utcnow
 from service.web.deps import SessionDep
@@ -91,10 +92,22 @@ def worklist_page(session: Session, *, priorities: list[Priority] | None = None,
 
 @router.get("/worklist", response_model=WorklistPage)
 async def get_worklist(
+    request: Request,
     session: SessionDep,
     priority: Annotated[list[Priority] | None, Query(description="Only these priorities")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> WorklistPage:
-    return await run_in_threadpool(worklist_page, session, priorities=priority, limit=limit,
+    page = await run_in_threadpool(worklist_page, session, priorities=priority, limit=limit,
                                    offset=offset)
+    await run_in_threadpool(_audit_read, session, request, page)
+    return page
+
+
+def _audit_read(session: Session, request: Request, page: WorklistPage) -> None:
+    """The worklist shows patient names and IDs: every read is in the audit trail."""
+    record(session, "worklist.view", actor=None,
+           source_ip=request.client.host if request.client else None,
+           details={"studies": [item.study_instance_uid for item in page.items][:200],
+                    "total": page.total})
+    session.commit()
