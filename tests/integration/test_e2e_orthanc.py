@@ -16,7 +16,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.db import migrate
-from service.synthetic import FractureSpec, PhantomOptions, generate_phantom, write_series
+from service.synthetic import (
+    FractureSpec,
+    FractureType,
+    PhantomOptions,
+    generate_phantom,
+    write_series,
+)
 from service.web.app import create_app
 from tests.conftest import free_port
 from tests.integration.worker_support import WorkerProcess, shipped_model_dir, worker_env
@@ -30,7 +36,8 @@ SEG_CLASSES = {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"}
 
 
 def write_case(out: Path, *, seed: int, fractured: bool) -> list[Path]:
-    fractures = [FractureSpec(vertebra="C2")] if fractured else 0
+    fractures = ([FractureSpec(FractureType.BODY, "C5"),
+                  FractureSpec(FractureType.DENS_TYPE_II, "C2")] if fractured else 0)
     options = PhantomOptions(seed=seed, matrix=256, pixel_spacing=0.8, slice_spacing=1.25,
                              n_slices=None, fractures=fractures, mimics=0)
     return write_series(generate_phantom(options), out)

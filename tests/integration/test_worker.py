@@ -17,7 +17,13 @@ from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import AnalysisState, Finding, Priority, SeriesState, Study
 from service.ingest.dispatch import AnalysisDispatcher
-from service.synthetic import FractureSpec, PhantomOptions, generate_phantom, write_series
+from service.synthetic import (
+    FractureSpec,
+    FractureType,
+    PhantomOptions,
+    generate_phantom,
+    write_series,
+)
 from tests.integration.worker_support import (
     WorkerProcess,
     count_events,
@@ -31,7 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 def _series(tmp_path: Path, *, seed: int, matrix: int = 256, fractured: bool = True) -> list[Path]:
-    fractures = [FractureSpec(vertebra="C2")] if fractured else 0
+    fractures = ([FractureSpec(FractureType.BODY, "C5"),
+                  FractureSpec(FractureType.DENS_TYPE_II, "C2")] if fractured else 0)
     options = PhantomOptions(seed=seed, matrix=matrix, pixel_spacing=0.8 * 256 / matrix,
                              slice_spacing=1.25, n_slices=None, fractures=fractures)
     return write_series(generate_phantom(options), tmp_path / f"series-{seed}")

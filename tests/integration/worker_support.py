@@ -30,7 +30,8 @@ from service.ingest.spool import Spool
 from tests.unit.ingest.peers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_MODEL = REPO / "models" / "cspine-v1"
+SHIPPED_MODEL = Path(os.environ.get("CSPINE_TEST_MODEL_DIR") or REPO / "models" / "cspine-v1")
+"""The shipped artifacts; CSPINE_TEST_MODEL_DIR points the tests at another export."""
 
 
 def shipped_model_dir() -> Path:
