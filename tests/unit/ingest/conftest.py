@@ -49,7 +49,8 @@ def ingest_env(migrated_url: str, tmp_path: Path) -> Iterator[IngestEnv]:
     settings = Settings(data_dir=tmp_path / "var", database_url=migrated_url,
                         broker_url="redis://127.0.0.1:1/0", broker_connect_timeout_s=0.5,
                         min_slices=10, completion_idle_after_release_s=5.0,
-                        completion_idle_s=30.0, enqueue_retry_interval_s=0.01)
+                        completion_idle_s=30.0, enqueue_retry_interval_s=0.01,
+                        model_dir=tmp_path / "no-model")  # no manifest: version "unknown"
     engine = make_engine(migrated_url)
     spool = Spool(settings.spool_path)
     spool.prepare()
