@@ -15,6 +15,8 @@ volume slices) and then, through the *runtime's own* preprocessing
 ``slice_target`` float32 (N, S): slice overlaps a fracture box of that vertebra (0/1), or -1
                 when the study has no boxes (unknown: masked out of the loss)
 ``stack_canonical`` bool (N,): the unjittered crop (validation uses only these)
+``fracture_mask`` uint8 (N, S, H, W): 1 on crop pixels inside a fracture box of that vertebra
+                (dense supervision), 255 where unknown (no boxes for the study)
 
 Quantising to uint8 keeps hundreds of studies in memory; 1/255 is far below what the
 windows resolve.
@@ -37,8 +39,8 @@ from service.evaluation.rsna import (
     segmentation_on_volume,
     slice_number_to_z,
 )
-from service.imaging.preprocess import Box, resample_labels
-from service.inference.crops import vertebra_box, vertebra_stack
+from service.imaging.preprocess import Box, crop_box, resample_labels
+from service.inference.crops import StackSpec, vertebra_box, vertebra_stack
 from service.inference.findings import VERTEBRAE
 from service.inference.manifest import Preprocessing
 from service.inference.pipeline import segmentation_input
@@ -152,6 +154,39 @@ def slice_targets(case: Case, label: int, z_positions: np.ndarray) -> np.ndarray
     return out
 
 
+def fracture_mask(case: Case, label: int, box: Box, spec: StackSpec) -> np.ndarray | None:
+    """Where the fracture boxes of this vertebra fall in each classifier slice.
+
+    uint8 (slices, size, size): 1 where a pixel of the crop lies inside a fracture box drawn
+    on its (nearest) source slice *and* inside this vertebra's mask, so a box that spills
+    onto the next level does not teach the net that level's bone. None when the study's
+    boxes are unknown. The crop's pixel -> source mapping is the one
+    :func:`service.imaging.preprocess.crop_box` uses for the classifier input.
+    """
+    if not case.has_boxes or case.labels is None:
+        return None
+    n_z = spec.slices * spec.subsamples
+    shape = (n_z, spec.size, spec.size)
+    labels, crop = crop_box(case.labels, box, output_shape=shape, resize=True, order=0, fill=0)
+    centre = np.arange(spec.slices) * spec.subsamples + spec.subsamples // 2
+    out = np.zeros((spec.slices, spec.size, spec.size), np.uint8)
+    if case.vertebra_fractured is not None and not case.vertebra_fractured[label - 1]:
+        return out
+    by_z: dict[int, list[tuple[float, float, float, float]]] = {}
+    for z, y0, x0, y1, x1 in case.fracture_boxes:
+        by_z.setdefault(int(z), []).append((y0, x0, y1, x1))
+    rows = crop.offset[1] + np.arange(spec.size) * crop.scale[1]
+    cols = crop.offset[2] + np.arange(spec.size) * crop.scale[2]
+    nz = case.labels.shape[0]
+    for k, row in enumerate(centre):
+        z = int(np.clip(round(crop.offset[0] + row * crop.scale[0]), 0, nz - 1))
+        for y0, x0, y1, x1 in by_z.get(z, []):
+            inside = ((rows[:, None] >= y0 - 0.5) & (rows[:, None] < y1 - 0.5)
+                      & (cols[None, :] >= x0 - 0.5) & (cols[None, :] < x1 - 0.5))
+            out[k] |= (inside & (labels[row] == label)).astype(np.uint8)
+    return out
+
+
 def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
                  ) -> dict[str, np.ndarray]:
     """All training arrays of one case (see module docstring)."""
@@ -167,7 +202,8 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
     voxel_mm3 = float(np.prod(case.spacing))
     objects = ndimage.find_objects(case.labels, max_label=len(VERTEBRAE))
     counts = np.bincount(case.labels.ravel(), minlength=len(VERTEBRAE) + 1)
-    stacks, labels, targets, s_targets, canonical = [], [], [], [], []
+    stacks, labels, targets, s_targets, canonical, masks = [], [], [], [], [], []
+    unknown_mask = np.full((spec.slices, spec.size, spec.size), 255, np.uint8)
     for index, obj in enumerate(objects):
         label = index + 1
         if obj is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
@@ -185,6 +221,8 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
             targets.append(target)
             s_targets.append(slice_targets(case, label, zs))
             canonical.append(variant == 0)
+            mask = fracture_mask(case, label, box, spec)
+            masks.append(unknown_mask if mask is None else mask)
     shape = (0, spec.slices, spec.channels, spec.size, spec.size)
     return {
         "seg_image": seg_image,
@@ -195,6 +233,8 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
         "slice_target": (np.stack(s_targets) if s_targets
                          else np.zeros((0, spec.slices), np.float32)),
         "stack_canonical": np.array(canonical, bool),
+        "fracture_mask": (np.stack(masks) if masks
+                          else np.zeros((0, spec.slices, spec.size, spec.size), np.uint8)),
     }
 
 

@@ -150,7 +150,9 @@ def load_checkpoints(directory: Path) -> tuple[SegUNet3D, FractureNet, dict[str,
     frac_state = torch.load(directory / "frac.pt", map_location="cpu", weights_only=False)
     seg_cfg = seg_state["config"]
     frac_cfg = frac_state["config"]
-    seg = SegUNet3D(SegConfig(**{**seg_cfg, "widths": tuple(seg_cfg["widths"])}))
+    # Checkpoints written before the head was configurable had the softmax head.
+    seg = SegUNet3D(SegConfig(**{"head": "softmax", **seg_cfg,
+                                 "widths": tuple(seg_cfg["widths"])}))
     frac = FractureNet(FracConfig(**{**frac_cfg, "widths": tuple(frac_cfg["widths"])}))
     seg.load_state_dict(seg_state["state"])
     frac.load_state_dict(frac_state["state"])

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.arch import FracConfig, FractureNet, SegConfig, SegUNet3D, count_parameters
+from models.arch import (
+    FracConfig,
+    FractureNet,
+    SegConfig,
+    SegUNet3D,
+    count_parameters,
+    seg_class_probabilities,
+)
 from models.config import default_preprocessing
 from models.data import load_prepared
 from service.evaluation import metrics
@@ -50,6 +57,19 @@ class Study:
     stack_target: np.ndarray
     slice_target: np.ndarray
     stack_canonical: np.ndarray
+    fracture_mask: np.ndarray | None = None
+    _centre: tuple[float, float] | None = None
+
+    def spine_centre(self) -> tuple[float, float]:
+        """In-plane (y, x) centroid of the labelled vertebrae on the segmentation grid."""
+        if self._centre is None:
+            yx = np.argwhere(self.seg_labels.any(axis=0))
+            if len(yx):
+                c = yx.mean(axis=0)
+                self._centre = (float(c[0]), float(c[1]))
+            else:
+                self._centre = (self.seg_labels.shape[1] / 2, self.seg_labels.shape[2] / 2)
+        return self._centre
 
 
 def load_cache(paths: Sequence[Path], progress: bool = True) -> list[Study]:
@@ -84,7 +104,13 @@ def seg_batch(studies: Sequence[Study], rng: np.random.Generator, batch: int,
         s = studies[int(rng.integers(len(studies)))]
         img = _pad_to(s.seg_image, patch)
         lab = _pad_to(s.seg_labels, patch)
-        starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(lab.shape, patch, strict=True)]
+        # z: anywhere; in plane: around the spine (a patch off the spine teaches nothing).
+        starts = [int(rng.integers(0, lab.shape[0] - patch[0] + 1))]
+        centre = s.spine_centre()
+        for axis in (1, 2):
+            n, p = lab.shape[axis], patch[axis]
+            want = int(round(centre[axis - 1] - p / 2 + rng.integers(-8, 9)))
+            starts.append(int(np.clip(want, 0, n - p)))
         sl = tuple(slice(a, a + p) for a, p in zip(starts, patch, strict=True))
         im = img[(slice(None), *sl)].astype(np.float32) / 255.0
         lb = lab[sl].astype(np.int64)
@@ -130,13 +156,25 @@ def frac_batch(studies: Sequence[Study], items: FracItems, rng: np.random.Genera
         if not len(pool):
             pool = items.positives
         chosen.append(int(pool[int(rng.integers(len(pool)))]))
-    x, y, ys = [], [], []
+    x, y, ys, masks = [], [], [], []
+    stride = FractureNet.PIXEL_STRIDE
     for k in chosen:
         s = studies[items.study[k]]
         i = items.index[k]
         stack = s.stacks[i].astype(np.float32) / 255.0
+        if s.fracture_mask is not None:
+            mask = s.fracture_mask[i]
+            n, h, w = mask.shape
+            # Target at the map's resolution: a cell is positive if any pixel in it is;
+            # unknown (255) stays unknown.
+            mask = mask.reshape(n, h // stride, stride, w // stride, stride).max(axis=(2, 4))
+        else:
+            size = stack.shape[-1] // stride
+            mask = np.full((stack.shape[0], size, size), 255, np.uint8)
         if rng.random() < 0.5:
             stack = stack[..., ::-1]
+            mask = mask[..., ::-1]
+        masks.append(np.ascontiguousarray(mask))
         noise = rng.normal(0, 0.01, stack.shape[:1] + (1,) + stack.shape[2:]).astype(np.float32)
         stack = stack.copy()
         stack[:, :-1] = np.clip(stack[:, :-1] * rng.uniform(0.92, 1.08) + noise, 0, 1)
@@ -144,13 +182,34 @@ def frac_batch(studies: Sequence[Study], items: FracItems, rng: np.random.Genera
         y.append(s.stack_target[i])
         ys.append(s.slice_target[i])
     return (torch.from_numpy(np.stack(x)), torch.tensor(np.array(y), dtype=torch.float32),
-            torch.from_numpy(np.stack(ys).astype(np.float32)))
+            torch.from_numpy(np.stack(ys).astype(np.float32)),
+            torch.from_numpy(np.stack(masks)))
 
 
 # --------------------------------------------------------------------------- losses
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def seg_loss(raw: torch.Tensor, labels: torch.Tensor, config: SegConfig) -> torch.Tensor:
+    """The loss of either head (see :class:`models.arch.SegConfig`)."""
+    if config.head == "ordinal":
+        return ordinal_seg_loss(raw, labels)
+    return softmax_seg_loss(raw, labels)
+
+
+def ordinal_seg_loss(raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Vertebra mask (BCE + soft Dice) plus smooth-L1 on the level inside the true mask."""
+    fg_target = (labels > 0).float()
+    fg_logit = raw[:, 0].float()
+    bce = F.binary_cross_entropy_with_logits(fg_logit, fg_target)
+    fg = torch.sigmoid(fg_logit)
+    dice = 1 - (2 * (fg * fg_target).sum() + 1.0) / (fg.sum() + fg_target.sum() + 1.0)
+    inside = labels > 0
+    level = F.smooth_l1_loss(raw[:, 1].float()[inside], labels[inside].float()) \
+        if inside.any() else torch.zeros((), device=raw.device)
+    return bce + dice + level
+
+
+def softmax_seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy plus soft Dice over the foreground classes present in the batch."""
     ce = F.cross_entropy(logits, labels)
     probs = torch.softmax(logits.float(), dim=1)
@@ -165,12 +224,22 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def frac_loss(vertebra_logit: torch.Tensor, slice_logits: torch.Tensor, target: torch.Tensor,
-              slice_target: torch.Tensor, slice_weight: float = 0.5) -> torch.Tensor:
+              slice_target: torch.Tensor, pixel_logits: torch.Tensor | None = None,
+              pixel_target: torch.Tensor | None = None, slice_weight: float = 0.5,
+              pixel_weight: float = 1.0, pixel_pos_weight: float = 5.0) -> torch.Tensor:
+    """Vertebra BCE + slice BCE (known slices) + fracture-map BCE (known maps)."""
     loss = F.binary_cross_entropy_with_logits(vertebra_logit.float(), target)
     known = slice_target >= 0
     if known.any():
         loss = loss + slice_weight * F.binary_cross_entropy_with_logits(
             slice_logits.float()[known], slice_target[known])
+    if pixel_logits is not None and pixel_target is not None:
+        known_px = pixel_target != 255
+        if known_px.any():
+            weight = torch.tensor(pixel_pos_weight, device=pixel_logits.device)
+            loss = loss + pixel_weight * F.binary_cross_entropy_with_logits(
+                pixel_logits.float()[known_px], pixel_target[known_px].float(),
+                pos_weight=weight)
     return loss
 
 
@@ -186,9 +255,9 @@ def evaluate_seg(net: SegUNet3D, studies: Sequence[Study], device: torch.device,
     for s in studies:
         shape = [int(math.ceil(n / div) * div) for n in s.seg_labels.shape]
         img = _pad_to(s.seg_image, shape).astype(np.float32) / 255.0
-        logits = net(torch.from_numpy(img[None]).to(device))
+        probs = seg_class_probabilities(net(torch.from_numpy(img[None]).to(device)), net.config)
         z, y, x = s.seg_labels.shape
-        pred = logits[0, :, :z, :y, :x].argmax(0).cpu().numpy()
+        pred = probs[0, :, :z, :y, :x].argmax(0).cpu().numpy()
         for c in dices:
             d = metrics.dice(s.seg_labels, pred, c)
             if d is not None:
@@ -268,7 +337,7 @@ class TrainOptions:
     seg_steps: int = 900
     frac_steps: int = 1500
     seg_batch: int = 2
-    seg_patch: tuple[int, int, int] = (64, 80, 80)
+    seg_patch: tuple[int, int, int] = (72, 64, 64)
     frac_batch: int = 16
     positive_fraction: float = 0.35
     lr: float = 2e-3
@@ -280,8 +349,15 @@ class TrainOptions:
     progress: bool = True
     seg_config: SegConfig = field(default_factory=SegConfig)
     frac_config: FracConfig = field(default_factory=FracConfig)
-    time_budget_s: float | None = None
-    """Per stage: stop early (keeping the best checkpoint) when this much time has passed."""
+    seg_budget_s: float | None = None
+    """Stop the segmentation stage after this long (the LR schedule anneals to it)."""
+    frac_budget_s: float | None = None
+    """Same for the classifier stage."""
+    seg_val_studies: int = 12
+    init_seg: Path | None = None
+    """Start the segmentation net from this checkpoint (continued training)."""
+    init_frac: Path | None = None
+    """Validation volumes scored per segmentation evaluation (whole volumes are slow on CPU)."""
 
 
 def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
@@ -289,7 +365,12 @@ def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
     device = torch.device(opts.device)
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
-    net = SegUNet3D(opts.seg_config).to(device)
+    net = SegUNet3D(opts.seg_config)
+    if opts.init_seg is not None:
+        net.load_state_dict(torch.load(opts.init_seg, map_location="cpu",
+                                       weights_only=False)["state"])
+        logger.info("seg: continuing from %s", opts.init_seg)
+    net = net.to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scaler = torch.amp.GradScaler(enabled=opts.amp and device.type == "cuda")
     best = -math.inf
@@ -298,12 +379,12 @@ def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
     running = 0.0
     bar = tqdm(total=opts.seg_steps, desc="seg", disable=not opts.progress)
     for step, evaluate in _batches(opts.seg_steps, opts.eval_every):
-        progress = _progress(step, opts.seg_steps, started, opts.time_budget_s)
+        progress = _progress(step, opts.seg_steps, started, opts.seg_budget_s)
         for group in optim.param_groups:
             group["lr"] = _cosine(progress, step, opts.lr)
         x, y = seg_batch(train, rng, opts.seg_batch, opts.seg_patch)
         with _autocast(device, opts.amp):
-            loss = seg_loss(net(x.to(device)), y.to(device))
+            loss = seg_loss(net(x.to(device)), y.to(device), opts.seg_config)
         optim.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optim)
@@ -311,10 +392,11 @@ def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
         running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}")
-        over_time = (opts.time_budget_s is not None
-                     and _progress(step + 1, opts.seg_steps, started, opts.time_budget_s) >= 1)
+        over_time = (opts.seg_budget_s is not None
+                     and _progress(step + 1, opts.seg_steps, started, opts.seg_budget_s) >= 1)
         if evaluate or over_time:
-            scores = evaluate_seg(net, val, device, opts.seg_config.classes) if val else {}
+            scores = (evaluate_seg(net, val[:opts.seg_val_studies], device,
+                                   opts.seg_config.classes) if val else {})
             entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
                      **scores}
             log.append(entry)
@@ -341,7 +423,12 @@ def train_frac(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
     device = torch.device(opts.device)
     rng = np.random.default_rng(opts.seed + 1)
     torch.manual_seed(opts.seed + 1)
-    net = FractureNet(opts.frac_config).to(device)
+    net = FractureNet(opts.frac_config)
+    if opts.init_frac is not None:
+        net.load_state_dict(torch.load(opts.init_frac, map_location="cpu",
+                                       weights_only=False)["state"])
+        logger.info("frac: continuing from %s", opts.init_frac)
+    net = net.to(device)
     optim = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     scaler = torch.amp.GradScaler(enabled=opts.amp and device.type == "cuda")
     items = frac_items(train, canonical_only=False)
@@ -353,13 +440,15 @@ def train_frac(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
     running = 0.0
     bar = tqdm(total=opts.frac_steps, desc="frac", disable=not opts.progress)
     for step, evaluate in _batches(opts.frac_steps, opts.eval_every):
-        progress = _progress(step, opts.frac_steps, started, opts.time_budget_s)
+        progress = _progress(step, opts.frac_steps, started, opts.frac_budget_s)
         for group in optim.param_groups:
             group["lr"] = _cosine(progress, step, opts.lr)
-        x, y, ys = frac_batch(train, items, rng, opts.frac_batch, opts.positive_fraction)
+        x, y, ys, masks = frac_batch(train, items, rng, opts.frac_batch,
+                                     opts.positive_fraction)
         with _autocast(device, opts.amp):
-            v_logit, s_logits = net(x.to(device))
-            loss = frac_loss(v_logit, s_logits, y.to(device), ys.to(device))
+            v_logit, s_logits, p_logits = net.forward_all(x.to(device))
+            loss = frac_loss(v_logit, s_logits, y.to(device), ys.to(device), p_logits,
+                             masks.to(device))
         optim.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optim)
@@ -367,8 +456,8 @@ def train_frac(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
         running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}")
-        over_time = (opts.time_budget_s is not None
-                     and _progress(step + 1, opts.frac_steps, started, opts.time_budget_s) >= 1)
+        over_time = (opts.frac_budget_s is not None
+                     and _progress(step + 1, opts.frac_steps, started, opts.frac_budget_s) >= 1)
         if evaluate or over_time:
             scores = evaluate_frac(net, val, device) if val else {}
             entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
@@ -436,8 +525,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
-    parser.add_argument("--stage-minutes", type=float, default=None,
-                        help="time budget per stage (keeps the best checkpoint)")
+    parser.add_argument("--seg-minutes", type=float, default=None,
+                        help="time budget of the segmentation stage (keeps the best checkpoint)")
+    parser.add_argument("--frac-minutes", type=float, default=None,
+                        help="time budget of the classifier stage")
+    parser.add_argument("--seg-patch", default="72,64,64",
+                        help="segmentation training patch z,y,x (voxels of the coarse grid)")
+    parser.add_argument("--init-seg", type=Path, help="continue from this seg checkpoint")
+    parser.add_argument("--init-frac", type=Path, help="continue from this frac checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -456,10 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = TrainOptions(
         out=args.out, seg_steps=args.seg_steps, frac_steps=args.frac_steps,
         seg_batch=args.seg_batch, frac_batch=args.frac_batch, eval_every=args.eval_every,
+        seg_patch=tuple(int(v) for v in args.seg_patch.split(",")),  # type: ignore[arg-type]
         lr=args.lr, seed=args.seed, device=args.device, amp=args.amp, progress=progress,
         seg_config=SegConfig(in_channels=len(pre.windows), classes=len(pre.seg_classes)),
         frac_config=FracConfig(in_channels=pre.frac_channels),
-        time_budget_s=args.stage_minutes * 60 if args.stage_minutes else None)
+        seg_budget_s=args.seg_minutes * 60 if args.seg_minutes else None,
+        frac_budget_s=args.frac_minutes * 60 if args.frac_minutes else None,
+        init_seg=args.init_seg, init_frac=args.init_frac)
     history = train(train_studies, val_studies, opts, stages=args.stages.split(","))
     logger.info("done in %.0f s; history in %s", history["seconds"], args.out / "history.json")
     return 0

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.arch import FracConfig, FractureNet, SegConfig, SegUNet3D
+from models.arch import (
+    FracConfig,
+    FractureNet,
+    SegConfig,
+    SegExport,
+    SegUNet3D,
+    seg_class_probabilities,
+)
 from models.config import default_preprocessing
 from models.data import case_from_phantom, case_from_rsna, prepare_case
 from models.export import export_model_dir
@@ -36,9 +43,22 @@ pytestmark = pytest.mark.slow
 
 def test_architectures_take_dynamic_shapes() -> None:
     torch.manual_seed(0)
-    seg = SegUNet3D(SegConfig(widths=(4, 8, 16)))
-    out = seg(torch.rand(2, 3, 16, 24, 32))
-    assert out.shape == (2, 9, 16, 24, 32)
+    for head, raw_channels in (("ordinal", 2), ("softmax", 9)):
+        seg = SegUNet3D(SegConfig(widths=(4, 8, 16), head=head))
+        image = torch.rand(2, 3, 16, 24, 32)
+        assert seg(image).shape == (2, raw_channels, 16, 24, 32)
+        probs = SegExport(seg)(image)
+        assert probs.shape == (2, 9, 16, 24, 32)
+        torch.testing.assert_close(probs.sum(dim=1), torch.ones(2, 16, 24, 32))
+
+
+def test_ordinal_head_maps_levels_to_classes() -> None:
+    config = SegConfig()
+    raw = torch.zeros(1, 2, 1, 1, 4)
+    raw[0, 0] = torch.tensor([-9.0, 9.0, 9.0, 9.0])  # background, then vertebra
+    raw[0, 1] = torch.tensor([3.0, 1.0, 4.2, 7.9])  # level values
+    labels = seg_class_probabilities(raw, config).argmax(dim=1).flatten().tolist()
+    assert labels == [0, 1, 4, 8]
     frac = FractureNet(FracConfig(in_channels=6, widths=(8, 8, 8, 8), feature=16, hidden=8))
     for slices in (5, 16):
         v, s = frac(torch.rand(3, slices, 6, 32, 32))
@@ -77,6 +97,13 @@ def test_in_memory_case_equals_layout_round_trip(tiny_layout: Path) -> None:
     assert (from_layout["stack_target"][c5] == 1).all()
     assert from_layout["slice_target"][c5].max() == 1
     assert (from_layout["stack_target"][~c5] == 0).all()
+    # Dense fracture masks: on the fractured vertebra only, on the slices marked positive.
+    masks = from_layout["fracture_mask"]
+    assert masks[c5].any() and not masks[~c5].any()
+    marked = masks[c5].reshape(int(c5.sum()), masks.shape[1], -1).any(axis=2)
+    positive_slices = from_layout["slice_target"][c5] > 0
+    assert not (marked & ~positive_slices).any()  # a mask only where the slice is positive
+    assert marked.sum() >= 0.5 * positive_slices.sum()
 
 
 def test_tiny_training_export_and_pipeline(tiny_layout: Path, tmp_path: Path) -> None:
