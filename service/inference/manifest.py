@@ -22,7 +22,7 @@ from service.inference.findings import VERTEBRAE
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Literal[1] = 1
 
 
 class ManifestError(ValueError):
