@@ -136,8 +136,11 @@ def ort_vs_torch(runtime: ModelRuntime, image: np.ndarray, batch: np.ndarray, th
         out["seg_torch_s"] = _median_time(lambda: seg_t(image_t), repeat)
         out["frac_ort_s"] = _median_time(lambda: runtime.frac.run(batch), repeat)
         out["frac_torch_s"] = _median_time(lambda: frac_t(batch_t), repeat)
-        out["seg_max_abs_diff"] = float(np.abs(runtime.seg.run(image)[0]
-                                               - seg_t(image_t).numpy()).max())
+        ort_seg = runtime.seg.run(image)[0]
+        torch_seg = seg_t(image_t).numpy()
+        out["seg_max_abs_diff"] = float(np.abs(ort_seg - torch_seg).max())
+        out["seg_label_disagreement"] = float(
+            (ort_seg.argmax(axis=1) != torch_seg.argmax(axis=1)).mean())
         ort_frac = runtime.frac.run(batch)
         torch_frac = frac_t(batch_t)
         out["frac_max_abs_diff"] = max(float(np.abs(a - b.numpy()).max())
@@ -145,19 +148,30 @@ def ort_vs_torch(runtime: ModelRuntime, image: np.ndarray, batch: np.ndarray, th
     return out
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), MB.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak across fork + exec into it, so a
+    child started by a big parent would report the parent's peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(directory: Path, model_dir: Path, threads: int) -> None:
     """Worker-like process: sessions, then one analysis; prints peak RSS as JSON."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mb()
     settings = Settings(model_dir=model_dir, execution_providers=["CPUExecutionProvider"],
                         ort_intra_op_threads=threads)
     runtime = load_runtime(settings)
-    with_runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with_runtime = _peak_rss_mb()
     started = time.perf_counter()
     volume = load_volume(sorted(directory.glob("*.dcm")))
     run_pipeline(volume, runtime, settings)
-    print(json.dumps({"before_mb": before / 1024, "with_runtime_mb": with_runtime / 1024,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "seconds": time.perf_counter() - started}))
+    print(json.dumps({"before_mb": before, "with_runtime_mb": with_runtime,
+                      "peak_mb": _peak_rss_mb(), "seconds": time.perf_counter() - started}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## ONNX Runtime vs PyTorch eager (same weights, same input, same threads)")
     print(f"  segmentation   input {cmp['seg_input']}: ORT {cmp['seg_ort_s']:.3f} s, torch "
           f"{cmp['seg_torch_s']:.3f} s -> torch/ORT = {cmp['seg_torch_s'] / cmp['seg_ort_s']:.2f}x"
-          f"  (max |diff| {cmp['seg_max_abs_diff']:.2e})")
+          f"  (max |diff| {cmp['seg_max_abs_diff']:.2e}, label disagreement "
+          f"{cmp['seg_label_disagreement'] * 100:.4f} % of voxels)")
     print(f"  classification input {cmp['frac_input']}: ORT {cmp['frac_ort_s']:.3f} s, torch "
           f"{cmp['frac_torch_s']:.3f} s -> torch/ORT = "
           f"{cmp['frac_torch_s'] / cmp['frac_ort_s']:.2f}x  (max |diff| "

@@ -153,9 +153,13 @@ def load_checkpoints(directory: Path) -> tuple[SegUNet3D, FractureNet, dict[str,
     # Checkpoints written before the head was configurable had the softmax head.
     seg = SegUNet3D(SegConfig(**{"head": "softmax", **seg_cfg,
                                  "widths": tuple(seg_cfg["widths"])}))
-    frac = FractureNet(FracConfig(**{**frac_cfg, "widths": tuple(frac_cfg["widths"])}))
+    # Checkpoints written before the fracture-map head existed: no pixel head, and the
+    # encoder blocks were an ``encoder`` Sequential.
+    frac = FractureNet(FracConfig(**{"pixel_head": False, **frac_cfg,
+                                     "widths": tuple(frac_cfg["widths"])}))
     seg.load_state_dict(seg_state["state"])
-    frac.load_state_dict(frac_state["state"])
+    frac.load_state_dict({k.replace("encoder.", "blocks.", 1) if k.startswith("encoder.") else k:
+                          v for k, v in frac_state["state"].items()})
     history_path = directory / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {}
     return seg.eval(), frac.eval(), history
