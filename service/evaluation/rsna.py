@@ -293,6 +293,8 @@ def segmentation_on_volume(path: Path, volume_affine: np.ndarray,
     import nibabel as nib
 
     image = nib.load(str(path))
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise LayoutError(f"{path}: not a NIfTI image ({type(image).__name__})")
     data = np.asarray(image.dataobj)
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]

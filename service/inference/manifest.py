@@ -82,6 +82,11 @@ class Preprocessing(_Strict):
     """Class names by output channel: background, C1..C7, then any extra classes."""
     min_vertebra_volume_mm3: float = Field(ge=0)
     """A vertebra with less segmented volume than this is 'not in view'."""
+    min_bone_hu: float = 150.0
+    """Voxels at or above this HU count as bone for the plausibility check."""
+    min_bone_fraction: float = Field(default=0.25, ge=0, le=1)
+    """A segmented level needs at least this fraction of ``min_vertebra_volume_mm3`` of bone
+    (on the segmentation grid) to be in view."""
     crop_slices: int = Field(ge=2)
     """Axial slices sampled evenly through each vertebra for the classifier."""
     crop_size: int = Field(ge=16)

@@ -48,6 +48,7 @@ FRAC_BATCH = 8
 """Vertebrae per classifier call (bounds memory; all seven fit in one call on CPU)."""
 PARTIAL_VERTEBRA = "PARTIAL_VERTEBRA"
 NO_VERTEBRA_IN_VIEW = "NO_VERTEBRA_IN_VIEW"
+NOT_BONE = "SEGMENTED_LEVEL_WITHOUT_BONE"
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,26 @@ class SegGrid:
         return (lo[0], lo[1], lo[2], hi[0], hi[1], hi[2])
 
 
+def coarse_volume(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
+                  ) -> tuple[np.ndarray, SegGrid]:
+    """The HU volume on the segmentation grid (float32, unpadded) and that grid."""
+    grid = SegGrid.for_volume(hu.shape, spacing, pre.seg_spacing_mm, pre.seg_divisor)
+    coarse = resample_to_spacing(hu, spacing, grid.spacing, order=1, output_shape=grid.shape)
+    return coarse, grid
+
+
+def window_and_pad(coarse: np.ndarray, grid: SegGrid, pre: Preprocessing) -> np.ndarray:
+    """(1, C, Z, Y, X) float32 network input from the coarse HU volume."""
+    image = multi_window(coarse, pre.preprocess_windows())
+    pad = [(0, 0)] + [(0, p - n) for n, p in zip(grid.shape, grid.padded_shape, strict=True)]
+    return np.pad(image, pad, mode="constant")[None]
+
+
 def segmentation_input(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
                        ) -> tuple[np.ndarray, SegGrid]:
     """(1, C, Z, Y, X) float32 network input and its grid; shared with training."""
-    grid = SegGrid.for_volume(hu.shape, spacing, pre.seg_spacing_mm, pre.seg_divisor)
-    coarse = resample_to_spacing(hu, spacing, grid.spacing, order=1, output_shape=grid.shape)
-    image = multi_window(coarse, pre.preprocess_windows())
-    pad = [(0, 0)] + [(0, p - n) for n, p in zip(grid.shape, grid.padded_shape, strict=True)]
-    return np.pad(image, pad, mode="constant")[None], grid
+    coarse, grid = coarse_volume(hu, spacing, pre)
+    return window_and_pad(coarse, grid, pre), grid
 
 
 def clean_labels(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -137,7 +150,8 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
     warnings: list[str] = []
 
     started = time.perf_counter()
-    image, grid = segmentation_input(volume.hu, volume.spacing, pre)
+    coarse_hu, grid = coarse_volume(volume.hu, volume.spacing, pre)
+    image = window_and_pad(coarse_hu, grid, pre)
     durations["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -151,6 +165,11 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
                                      order=0)
     voxel_mm3 = float(np.prod(grid.spacing))
     counts = np.bincount(coarse.ravel(), minlength=len(VERTEBRAE) + 1)
+    # Plausibility: a vertebra is bone. A segmented level without bone-density voxels (a
+    # stray blob in soft tissue or water) is not in view, whatever the network says.
+    bone = np.bincount(coarse.ravel(), weights=(coarse_hu >= pre.min_bone_hu).ravel(),
+                       minlength=len(VERTEBRAE) + 1)
+    del coarse_hu
     coarse_boxes = ndimage.find_objects(coarse, max_label=len(VERTEBRAE))
     durations["segmentation"] = time.perf_counter() - started
 
@@ -161,6 +180,10 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
         label = index + 1
         box = coarse_boxes[index] if index < len(coarse_boxes) else None
         if box is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
+            continue
+        if bone[label] * voxel_mm3 < pre.min_vertebra_volume_mm3 * pre.min_bone_fraction:
+            warnings.append(f"{NOT_BONE}:{VERTEBRAE[index]}")
+            label_map[label_map == label] = 0
             continue
         cbox = (box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop,
                 box[2].stop)

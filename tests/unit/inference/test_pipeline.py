@@ -1,0 +1,181 @@
+"""The shipped model through the worker's path: DICOM series -> Volume -> Findings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service.evaluation import metrics
+from service.imaging.volume import Volume, load_volume
+from service.inference.findings import VERTEBRAE
+from service.inference.manifest import load_manifest
+from service.inference.pipeline import NO_VERTEBRA_IN_VIEW, NOT_BONE, SegGrid, run_pipeline
+from service.inference.runtime import CPU, load_runtime
+from service.synthetic import (
+    FractureSpec,
+    FractureType,
+    generate_phantom,
+    random_options,
+    write_series,
+)
+from tests.unit.inference.conftest import MODEL_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fractured_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    options = random_options(90210, matrix=256, mimic_rate=0.0)
+    options.fractures = [FractureSpec(FractureType.BODY, "C5", displacement_mm=1.5)]
+    options.mimics = 0
+    options.metal = False
+    phantom = generate_phantom(options)
+    directory = tmp_path_factory.mktemp("series")
+    write_series(phantom, directory)
+    return directory, phantom
+
+
+@pytest.fixture(scope="module")
+def runtime_and_settings() -> tuple[object, Settings]:
+    settings = Settings(model_dir=MODEL_DIR, execution_providers=[CPU], ort_intra_op_threads=2)
+    return load_runtime(settings), settings
+
+
+def test_findings_contract_on_a_fractured_phantom(fractured_series: tuple[Path, object],
+                                                  runtime_and_settings: tuple[object, Settings],
+                                                  ) -> None:
+    directory, phantom = fractured_series
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(directory.glob("*.dcm")))
+    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    manifest = runtime.manifest  # type: ignore[attr-defined]
+
+    assert [v.vertebra for v in findings.vertebrae] == list(VERTEBRAE)
+    assert findings.series_instance_uid == volume.series_instance_uid
+    assert findings.model_name == manifest.name and findings.model_version == manifest.version
+    assert findings.execution_provider == CPU
+    assert findings.patient_threshold == manifest.thresholds.patient
+    assert set(findings.stage_durations) == {"preprocess", "segmentation", "classification"}
+    label_map = findings.label_map
+    assert label_map is not None and label_map.shape == volume.shape
+    assert label_map.dtype == np.uint8 and int(label_map.max()) <= 7
+    nz = volume.shape[0]
+    in_view = [v for v in findings.vertebrae if v.in_view]
+    assert len(in_view) >= 5
+    probabilities = []
+    for v in in_view:
+        assert v.probability is not None and 0 <= v.probability <= 1
+        assert v.suspected == (v.probability >= findings.vertebra_threshold)
+        assert v.slice_range is not None and v.bbox is not None
+        z0, z1 = v.slice_range
+        assert 0 <= z0 <= z1 < nz
+        assert (v.bbox[0], v.bbox[3] - 1) == (z0, z1)
+        assert all(0 <= a < b <= n for a, b, n in zip(v.bbox[:3], v.bbox[3:], volume.shape,
+                                                        strict=True))
+        assert len(v.slice_scores) == z1 - z0 + 1
+        assert v.key_slices and all(z0 <= k <= z1 for k in v.key_slices)
+        best = max(range(len(v.slice_scores)), key=lambda i: v.slice_scores[i])
+        assert v.key_slices[0] == z0 + best
+        label = VERTEBRAE.index(v.vertebra) + 1
+        assert (label_map[z0:z1 + 1] == label).any()
+        probabilities.append(v.probability)
+    for v in findings.vertebrae:
+        if not v.in_view:
+            assert v.probability is None and not v.suspected and v.slice_range is None
+    assert findings.patient_probability == pytest.approx(max(probabilities))
+    assert findings.patient_suspected == (findings.patient_probability
+                                          >= findings.patient_threshold)
+
+
+EARLY_CHECKPOINT = load_manifest(MODEL_DIR).version == "1.0.0"
+
+
+@pytest.mark.xfail(EARLY_CHECKPOINT, strict=True,
+                   reason="cspine-v1 1.0.0 is an early, under-trained checkpoint (synthetic "
+                          "Dice about 0.4, patient AUC about 0.5; see MODEL_CARD.md): it does "
+                          "not yet segment the lower levels nor find this fracture")
+def test_shipped_model_finds_a_displaced_body_fracture(
+        fractured_series: tuple[Path, object],
+        runtime_and_settings: tuple[object, Settings]) -> None:
+    directory, phantom = fractured_series
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(directory.glob("*.dcm")))
+    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    label_map = findings.label_map
+    assert label_map is not None
+    # The shipped model segments the phantom's levels (synthetic ground truth, exact grid).
+    truth = np.where(phantom.labels >= 8, 0, phantom.labels)  # type: ignore[attr-defined]
+    for level in ("C2", "C3", "C4", "C5", "C6"):
+        d = metrics.dice(truth, label_map, VERTEBRAE.index(level) + 1)
+        assert d is not None and d > 0.6, (level, d)
+    # ... and finds the displaced C5 body fracture, flagging the study.
+    c5 = findings.vertebrae[VERTEBRAE.index("C5")]
+    assert c5.suspected and findings.patient_suspected
+    assert "C5" in findings.suspected_vertebrae
+
+
+def test_threshold_overrides_from_settings(fractured_series: tuple[Path, object],
+                                           runtime_and_settings: tuple[object, Settings]) -> None:
+    directory, _ = fractured_series
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(directory.glob("*.dcm")))
+    strict = settings.model_copy(update={"fracture_threshold": 1.0, "patient_threshold": 1.0})
+    f = run_pipeline(volume, runtime, strict)  # type: ignore[arg-type]
+    assert f.vertebra_threshold == 1.0 and f.patient_threshold == 1.0
+    assert all(v.suspected == (v.probability is not None and v.probability >= 1.0)
+               for v in f.vertebrae)
+    lax = settings.model_copy(update={"fracture_threshold": 0.0, "patient_threshold": 0.0})
+    f = run_pipeline(volume, runtime, lax)  # type: ignore[arg-type]
+    assert f.patient_suspected and all(v.suspected for v in f.vertebrae if v.in_view)
+
+
+def test_no_spine_in_view(runtime_and_settings: tuple[object, Settings]) -> None:
+    """A water cylinder: nothing segmented, nothing suspected, a warning, no crash."""
+    runtime, settings = runtime_and_settings
+    z, y, x = 60, 128, 128
+    yy, xx = np.mgrid[0:y, 0:x]
+    body = ((yy - 64) ** 2 + (xx - 64) ** 2) < 50 ** 2
+    hu = np.where(body, 0, -1000).astype(np.int16)[None].repeat(z, axis=0)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])[[2, 1, 0, 3]]
+    volume = Volume(hu=hu, spacing=(1.0, 1.0, 1.0), affine=affine,
+                    sop_instance_uids=[f"1.2.{i}" for i in range(z)],
+                    frame_numbers=[None] * z, headers=[], study_instance_uid="1.2",
+                    series_instance_uid="1.2.3", frame_of_reference_uid=None, acquired_at=None)
+    f = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    assert not f.in_view and not f.patient_suspected and f.patient_probability == 0.0
+    assert NO_VERTEBRA_IN_VIEW in f.warnings
+    assert f.label_map is not None
+    # Whatever the network labelled, nothing without bone density is reported in view.
+    assert not f.label_map.any() or any(w.startswith(NOT_BONE) for w in f.warnings)
+
+
+def test_seg_grid_maps_coarse_boxes_back() -> None:
+    grid = SegGrid.for_volume((300, 512, 512), (0.625, 0.4, 0.4), 2.5, 8)
+    assert grid.shape == (75, 82, 82) and grid.padded_shape == (80, 88, 88)
+    # Coarse voxel c sits at source index c * 4 along z: it owns source indices 4c-2..4c+1.
+    assert grid.source_box((10, 0, 0, 12, 1, 1))[0::3] == (38, 46)
+    # ... exactly as the label map is resampled back (the box and the map agree).
+    from service.imaging.preprocess import resample_to_original
+
+    coarse = np.zeros(grid.shape, np.uint8)
+    coarse[10:12, 40:45, 30:33] = 1
+    fine = resample_to_original(coarse, grid.spacing, (0.625, 0.4, 0.4), (300, 512, 512),
+                                order=0)
+    where = np.argwhere(fine)
+    box = grid.source_box((10, 40, 30, 12, 45, 33))
+    assert tuple(where.min(axis=0)) == box[:3]
+    assert tuple(where.max(axis=0) + 1) == box[3:]
+    full = grid.source_box((0, 0, 0, 75, 82, 82))
+    assert full == (0, 0, 0, 300, 512, 512)
+
+
+def test_runtime_modules_do_not_import_torch() -> None:
+    code = ("import sys; import service.inference.pipeline, service.inference.runtime, "
+            "service.evaluation.report, service.evaluation.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
