@@ -379,10 +379,14 @@ def c2_parts(geo: SpineGeometry, rng: np.random.Generator) -> VertebraParts:
                                       3.2 * s, 3.2 * s, flatten=0.8, flat_axis=(1.0, 0.0, 0.0)))
         parts.landmarks["pedicle_" + lab] = tuple(  # type: ignore[assignment]
             0.5 * (x + y) for x, y in zip(ped_a, ped_b, strict=True))
+        pillar_h = 0.5 * spacing_down - 1.5 * s
         parts.pillars.append(ShearedBox((side * (ca + 4.2 * s), b + cb + 1.5 * s,
                                          -c + 2.0 * s),
-                                        (4.4 * s, 5.4 * s, 0.5 * spacing_down - 1.5 * s),
+                                        (4.4 * s, 5.4 * s, pillar_h),
                                         1.0, radius=1.6 * s))
+        # The C2-C3 facet joint under the inferior articular process (facet mimics at C2).
+        parts.landmarks["facet_joint_" + lab] = (side * (ca + 4.2 * s), b + cb + 1.5 * s,
+                                                 -c + 2.0 * s - pillar_h - 0.9 * s)
         lam_a = (side * (ca + 1.0 * s), canal_back - 1.0 * s, -2.0 * s)
         lam_b = (0.0, canal_back + 3.0 * s, -3.5 * s)
         du, dv = lam_b[0] - lam_a[0], lam_b[1] - lam_a[1]

@@ -223,3 +223,14 @@ def test_full_size_phantom() -> None:
     assert set(p.vertebrae_in_view()) == set(VERTEBRA_NAMES)
     assert len(p.fractures) == 2 and p.patient_fractured
     assert p.timings["total"] > 0
+
+
+@pytest.mark.parametrize("level", ["C2", "C5"])
+def test_facet_degeneration_places_at_every_allowed_level(level: str) -> None:
+    """C2 has its own facet-joint landmark (C2-C3 joint); without it this mimic crashed
+    the generator on C2 ("high <= 0") and stopped long training-data runs."""
+    mimicked = small_phantom(noise_scale=0.0, z_offset_mm=20.0 if level == "C2" else 0.0,
+                             mimics=[MimicSpec(MimicType.FACET_DEGENERATION, level)])
+    (truth,) = mimicked.mimics
+    assert truth.type == MimicType.FACET_DEGENERATION and truth.vertebra == level
+    assert not mimicked.patient_fractured
