@@ -31,11 +31,16 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
                          else manifest.thresholds.patient)
     vertebra_threshold = (settings.fracture_threshold if settings.fracture_threshold is not None
                           else manifest.thresholds.vertebra)
-    results = evaluate_dataset(args.dataset, settings, runtime=runtime, limit=args.limit,
-                               progress=not args.no_progress)
+    results = []
+    for directory in args.dataset:
+        remaining = None if args.limit is None else args.limit - len(results)
+        if remaining is not None and remaining <= 0:
+            break
+        results += evaluate_dataset(directory, settings, runtime=runtime, limit=remaining,
+                                    progress=not args.no_progress)
     summary = summarize(results, patient_threshold=patient_threshold,
-                        vertebra_threshold=vertebra_threshold,
-                        model=runtime.describe(), dataset=str(args.dataset),
+                        vertebra_threshold=vertebra_threshold, model=runtime.describe(),
+                        dataset=",".join(str(d) for d in args.dataset),
                         synthetic=not args.real_data)
     paths = write_report(summary, results, args.out)
     brief = {k: summary.get(k) for k in ("studies", "processed", "rsna_weighted_log_loss")}
@@ -49,7 +54,9 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="evaluate the model on an RSNA-layout dataset (report.json/md, roc.png)")
-    parser.add_argument("dataset", type=Path, help="directory with train.csv and train_images/")
+    parser.add_argument("dataset", type=Path, nargs="+",
+                        help="directory with train.csv and train_images/ (several: one report "
+                             "over all of them, e.g. a test set generated in parallel chunks)")
     parser.add_argument("--out", type=Path, required=True, help="report directory")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="model directory (default: settings model_dir)")

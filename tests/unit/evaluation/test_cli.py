@@ -30,16 +30,19 @@ def test_triage_evaluate_writes_the_report(tmp_path: Path,
     mimic = random_options(32, matrix=128)
     mimic.fractures = 0
     mimic.mimics = [MimicSpec(MimicType.NUTRIENT_FORAMEN, "C4")]
-    dataset = tmp_path / "rsna"
-    write_rsna_layout(dataset, [generate_phantom(fractured), generate_phantom(mimic)])
+    # Two dataset directories (a test set generated in parallel chunks): one report.
+    first, second = tmp_path / "rsna-a", tmp_path / "rsna-b"
+    write_rsna_layout(first, [generate_phantom(fractured)])
+    write_rsna_layout(second, [generate_phantom(mimic)])
     out = tmp_path / "report"
-    code = main(["evaluate", str(dataset), "--out", str(out), "--model-dir", str(MODEL_DIR),
-                 "--no-progress"])
+    code = main(["evaluate", str(first), str(second), "--out", str(out),
+                 "--model-dir", str(MODEL_DIR), "--no-progress"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["studies"] == 2 and printed["processed"] == 2
     report = json.loads((out / "report.json").read_text())
     assert report["synthetic"] is True
+    assert report["dataset"] == f"{first},{second}"
     for key in ("sensitivity", "specificity", "ppv", "npv", "kappa"):
         assert {"value", "low", "high"} <= set(report["patient"][key])
     assert set(report["per_vertebra_auc"]) == {f"C{i}" for i in range(1, 8)}
