@@ -23,7 +23,10 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-REAL_CT_DIR = SHARED_DATA / "real-ct-head-neck" / "ct"
+REAL_CT_DIR = Path(os.environ.get("TEST_REAL_CT_DIR",
+                                  SHARED_DATA / "real-ct-head-neck" / "ct"))
+"""The real head-and-neck CT (not shipped): next to the checkout, or where TEST_REAL_CT_DIR
+points (a clone elsewhere, e.g. a CI workspace)."""
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -119,5 +122,5 @@ def settings_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
-        pytest.skip(f"real CT reference data absent ({REAL_CT_DIR})")
+        pytest.skip(f"real CT reference data absent ({REAL_CT_DIR}; set TEST_REAL_CT_DIR)")
     return REAL_CT_DIR
