@@ -41,8 +41,10 @@ class Estimate:
     def format(self, percent: bool = True) -> str:
         if self.value is None or self.low is None or self.high is None:
             return "n/a"
-        scale, unit = (100.0, " %") if percent else (1.0, "")
-        text = f"{self.value * scale:.1f}{unit} ({self.low * scale:.1f}-{self.high * scale:.1f})"
+        # Percentages to 0.1 %, fractions (AUC, kappa, Dice) to 0.001: the same resolution.
+        scale, unit, digits = (100.0, " %", 1) if percent else (1.0, "", 3)
+        text = (f"{self.value * scale:.{digits}f}{unit} "
+                f"({self.low * scale:.{digits}f} to {self.high * scale:.{digits}f})")
         if self.numerator is not None and self.denominator is not None:
             text += f" [{self.numerator}/{self.denominator}]"
         return text

@@ -124,3 +124,10 @@ def test_bootstrap_interval_reproducible() -> None:
     v = np.linspace(0, 1, 50)
     a, b = metrics.bootstrap_interval(v, seed=3), metrics.bootstrap_interval(v, seed=3)
     assert a == b and a.low < 0.5 < a.high  # type: ignore[operator]
+
+
+def test_estimate_format_keeps_fractions_readable() -> None:
+    """AUC/kappa to three decimals; "to" separates the bounds so a negative kappa reads."""
+    assert metrics.Estimate(0.9512, 0.9, 0.98).format(percent=False) == "0.951 (0.900 to 0.980)"
+    assert metrics.Estimate(-0.1, -0.3, 0.2).format(percent=False) == "-0.100 (-0.300 to 0.200)"
+    assert metrics.Estimate(0.8, 0.7, 0.9, 8, 10).format() == "80.0 % (70.0 to 90.0) [8/10]"
