@@ -6,6 +6,8 @@ the slice index after sorting along the slice normal (see ``service.imaging.volu
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +47,20 @@ class Findings:
     execution_provider: str | None = None
     stage_durations: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    source_fingerprint: str = ""
+    """Digest of the SOP Instance UIDs the model saw (:func:`instances_fingerprint`)."""
+
+    @property
+    def uid_source(self) -> str:
+        """What result UIDs derive from: the series *and* the instances analysed.
+
+        A re-run on the same instances reproduces its result UIDs (the PACS replaces, never
+        duplicates); a series re-analysed after more instances arrived gets new ones, since
+        DICOM forbids one SOP Instance UID for two different contents.
+        """
+        if not self.source_fingerprint:
+            return self.series_instance_uid
+        return f"{self.series_instance_uid}/{self.source_fingerprint}"
 
     @property
     def suspected_vertebrae(self) -> list[str]:
@@ -53,3 +69,9 @@ class Findings:
     @property
     def in_view(self) -> list[str]:
         return [v.vertebra for v in self.vertebrae if v.in_view]
+
+
+def instances_fingerprint(sop_instance_uids: Iterable[str]) -> str:
+    """Order-independent digest (16 hex digits) of a set of SOP Instance UIDs."""
+    digest = hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode())
+    return digest.hexdigest()[:16]

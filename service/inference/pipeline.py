@@ -36,7 +36,12 @@ from service.config import Settings
 from service.imaging.preprocess import multi_window, resample_to_original, resample_to_spacing
 from service.imaging.volume import Volume
 from service.inference.crops import vertebra_box, vertebra_stack
-from service.inference.findings import VERTEBRAE, Findings, VertebraFinding
+from service.inference.findings import (
+    VERTEBRAE,
+    Findings,
+    VertebraFinding,
+    instances_fingerprint,
+)
 from service.inference.manifest import Preprocessing
 from service.inference.runtime import ModelRuntime, get_runtime
 
@@ -243,6 +248,7 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
         execution_provider=runtime.provider,
         stage_durations=durations,
         warnings=warnings,
+        source_fingerprint=instances_fingerprint(volume.sop_instance_uids),
     )
     logger.info("series %s: in view %s, suspected %s, patient p=%.3f (%s), stages %s",
                 volume.series_instance_uid, findings.in_view, findings.suspected_vertebrae,

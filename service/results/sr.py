@@ -113,7 +113,7 @@ def _vertebra_group(
 ) -> (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
       | hd.sr.MeasurementsAndQualitativeEvaluations):
     tracking = hd.sr.TrackingIdentifier(
-        uid=uids.tracking_uid(uid_root, findings.series_instance_uid, findings.model_version,
+        uid=uids.tracking_uid(uid_root, findings.uid_source, findings.model_version,
                               finding.vertebra),
         identifier=f"{finding.vertebra} vertebra",
     )
@@ -173,7 +173,7 @@ def _patient_group(volume: Volume, findings: Findings, *, uid_root: str,
     key_refs = _slice_references(volume, key_slices)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.tracking_uid(uid_root, findings.series_instance_uid,
+            uid=uids.tracking_uid(uid_root, findings.uid_source,
                                   findings.model_version, PATIENT_FINDING),
             identifier=PATIENT_TRACKING_ID,
         ),
@@ -237,10 +237,11 @@ def build_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=uids.series_instance_uid(uid_root, series_uid,
+        series_instance_uid=uids.series_instance_uid(uid_root, findings.uid_source,
                                                      findings.model_version, kind),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uids.sop_instance_uid(uid_root, series_uid, findings.model_version, kind),
+        sop_instance_uid=uids.sop_instance_uid(uid_root, findings.uid_source,
+                                               findings.model_version, kind),
         instance_number=1,
         manufacturer=algorithm.manufacturer,
         is_complete=True,
@@ -253,5 +254,5 @@ def build_report(
 
 def report_uid(uid_root: str, findings: Findings, seg_format: SegFormat) -> UID:
     """The SOP Instance UID :func:`build_report` gives (for lookups without building)."""
-    return uids.sop_instance_uid(uid_root, findings.series_instance_uid, findings.model_version,
+    return uids.sop_instance_uid(uid_root, findings.uid_source, findings.model_version,
                                  sr_kind(seg_format))

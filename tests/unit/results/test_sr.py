@@ -184,3 +184,27 @@ def test_no_fracture_reports_absent() -> None:
                   if g.finding_sites[0].value.value == codes.CERVICAL_SPINE.value]
     (evaluation,) = patient.get_qualitative_evaluations(name=codes.FRACTURE)
     assert evaluation.value == codes.ABSENT
+
+
+def test_result_uids_follow_the_instances_analysed(case: SyntheticCase,
+                                                   segmentation: SegmentationResult) -> None:
+    """Same instances, same UIDs (a re-run replaces); more instances, new UIDs (a reopened
+    series must not reuse a UID for different content)."""
+    from dataclasses import replace
+
+    from service.inference.findings import instances_fingerprint
+
+    uids_now = case.volume.sop_instance_uids
+    first = replace(case.findings, source_fingerprint=instances_fingerprint(uids_now))
+    again = replace(case.findings,
+                    source_fingerprint=instances_fingerprint(list(reversed(uids_now))))
+    grown = replace(case.findings,
+                    source_fingerprint=instances_fingerprint([*uids_now, "1.2.3.4.5"]))
+
+    def sr_uid(findings: object) -> str:
+        return str(build_report(case.volume, findings, uid_root=ROOT,  # type: ignore[arg-type]
+                                algorithm=ALGORITHM, segmentation=segmentation).SOPInstanceUID)
+
+    assert sr_uid(first) == sr_uid(again)
+    assert sr_uid(grown) != sr_uid(first)
+    assert first.uid_source.startswith(case.volume.series_instance_uid + "/")
