@@ -162,6 +162,10 @@ def load_checkpoints(directory: Path) -> tuple[SegUNet3D, FractureNet, dict[str,
                           v for k, v in frac_state["state"].items()})
     history_path = directory / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {}
+    # The step each shipped checkpoint was saved at (the best validation, not the last).
+    for stage, state in (("seg", seg_state), ("frac", frac_state)):
+        if stage in history and "step" in state:
+            history[stage]["checkpoint_step"] = state["step"]
     return seg.eval(), frac.eval(), history
 
 
@@ -246,9 +250,12 @@ def _training_summary(history: dict[str, Any]) -> dict[str, Any]:
     for stage in ("seg", "frac"):
         if stage in history:
             h = history[stage]
+            log = h.get("log") or []
+            shipped = [e for e in log if e.get("step") == h.get("checkpoint_step")]
             out[stage] = {"seconds": round(h.get("seconds", 0.0), 1),
                           "parameters": h.get("parameters"),
-                          "last_validation": h["log"][-1] if h.get("log") else None}
+                          "shipped_validation": shipped[0] if shipped else None,
+                          "last_validation": log[-1] if log else None}
     return out
 
 

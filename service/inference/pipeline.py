@@ -184,7 +184,11 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
     for index in range(len(VERTEBRAE)):
         label = index + 1
         box = coarse_boxes[index] if index < len(coarse_boxes) else None
-        if box is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
+        if box is None:
+            continue
+        if counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
+            # Too small to be this vertebra: not in view, so not in the SEG either.
+            label_map[label_map == label] = 0
             continue
         if bone[label] * voxel_mm3 < pre.min_vertebra_volume_mm3 * pre.min_bone_fraction:
             warnings.append(f"{NOT_BONE}:{VERTEBRAE[index]}")

@@ -14,7 +14,7 @@ from service.evaluation import metrics
 from service.imaging.volume import Volume, load_volume
 from service.inference.findings import VERTEBRAE
 from service.inference.manifest import load_manifest
-from service.inference.pipeline import NO_VERTEBRA_IN_VIEW, NOT_BONE, SegGrid, run_pipeline
+from service.inference.pipeline import NO_VERTEBRA_IN_VIEW, SegGrid, run_pipeline
 from service.inference.runtime import CPU, load_runtime
 from service.synthetic import (
     FractureSpec,
@@ -92,14 +92,12 @@ def test_findings_contract_on_a_fractured_phantom(fractured_series: tuple[Path, 
                                           >= findings.patient_threshold)
 
 
-EARLY_CHECKPOINT = load_manifest(MODEL_DIR).version == "1.0.0"
+_VALIDATION = load_manifest(MODEL_DIR).validation
+CLASSIFIER_DISCRIMINATES = float(_VALIDATION.get("patient_auc") or 0.0) >= 0.9  # type: ignore[arg-type]
+"""What calibration measured on the shipped model's validation studies (manifest)."""
 
 
-@pytest.mark.xfail(EARLY_CHECKPOINT, strict=True,
-                   reason="cspine-v1 1.0.0 is an early, under-trained checkpoint (synthetic "
-                          "Dice about 0.4, patient AUC about 0.5; see MODEL_CARD.md): it does "
-                          "not yet segment the lower levels nor find this fracture")
-def test_shipped_model_finds_a_displaced_body_fracture(
+def test_shipped_model_segments_the_phantom_levels(
         fractured_series: tuple[Path, object],
         runtime_and_settings: tuple[object, Settings]) -> None:
     directory, phantom = fractured_series
@@ -108,12 +106,25 @@ def test_shipped_model_finds_a_displaced_body_fracture(
     findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
     label_map = findings.label_map
     assert label_map is not None
-    # The shipped model segments the phantom's levels (synthetic ground truth, exact grid).
+    # Synthetic ground truth on the exact grid; C7 is left out (its Dice is the weakest,
+    # about 0.35 on held-out phantoms: see MODEL_CARD.md).
     truth = np.where(phantom.labels >= 8, 0, phantom.labels)  # type: ignore[attr-defined]
     for level in ("C2", "C3", "C4", "C5", "C6"):
         d = metrics.dice(truth, label_map, VERTEBRAE.index(level) + 1)
         assert d is not None and d > 0.6, (level, d)
-    # ... and finds the displaced C5 body fracture, flagging the study.
+
+
+@pytest.mark.xfail(not CLASSIFIER_DISCRIMINATES, strict=True,
+                   reason="the shipped classifier does not yet separate fractured from intact "
+                          "vertebrae (validation patient AUC below 0.9 in manifest.json; "
+                          "see MODEL_CARD.md)")
+def test_shipped_model_finds_a_displaced_body_fracture(
+        fractured_series: tuple[Path, object],
+        runtime_and_settings: tuple[object, Settings]) -> None:
+    directory, _ = fractured_series
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(directory.glob("*.dcm")))
+    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
     c5 = findings.vertebrae[VERTEBRAE.index("C5")]
     assert c5.suspected and findings.patient_suspected
     assert "C5" in findings.suspected_vertebrae
@@ -150,8 +161,9 @@ def test_no_spine_in_view(runtime_and_settings: tuple[object, Settings]) -> None
     assert not f.in_view and not f.patient_suspected and f.patient_probability == 0.0
     assert NO_VERTEBRA_IN_VIEW in f.warnings
     assert f.label_map is not None
-    # Whatever the network labelled, nothing without bone density is reported in view.
-    assert not f.label_map.any() or any(w.startswith(NOT_BONE) for w in f.warnings)
+    # Whatever the network labelled (too small, or without bone density), none of it is
+    # reported in view, and the label map (what the SEG shows) agrees.
+    assert not f.label_map.any()
 
 
 def test_seg_grid_maps_coarse_boxes_back() -> None:
