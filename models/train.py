@@ -531,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="time budget of the classifier stage")
     parser.add_argument("--seg-patch", default="72,64,64",
                         help="segmentation training patch z,y,x (voxels of the coarse grid)")
+    parser.add_argument("--no-pixel-head", action="store_true",
+                        help="classifier without the fracture-map head (vertebra and slice "
+                             "labels only; for studies without fracture boxes)")
     parser.add_argument("--init-seg", type=Path, help="continue from this seg checkpoint")
     parser.add_argument("--init-frac", type=Path, help="continue from this frac checkpoint")
     parser.add_argument("--no-progress", action="store_true")
@@ -554,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seg_patch=tuple(int(v) for v in args.seg_patch.split(",")),  # type: ignore[arg-type]
         lr=args.lr, seed=args.seed, device=args.device, amp=args.amp, progress=progress,
         seg_config=SegConfig(in_channels=len(pre.windows), classes=len(pre.seg_classes)),
-        frac_config=FracConfig(in_channels=pre.frac_channels),
+        frac_config=FracConfig(in_channels=pre.frac_channels, pixel_head=not args.no_pixel_head),
         seg_budget_s=args.seg_minutes * 60 if args.seg_minutes else None,
         frac_budget_s=args.frac_minutes * 60 if args.frac_minutes else None,
         init_seg=args.init_seg, init_frac=args.init_frac)
