@@ -497,12 +497,22 @@ def train(train_studies: Sequence[Study], val_studies: Sequence[Study], opts: Tr
     if "frac" in stages:
         train_frac(train_studies, val_studies, opts, history)
     history["seconds"] = time.perf_counter() - started
-    previous = opts.out / "history.json"
-    if previous.exists():
-        old = json.loads(previous.read_text())
-        old.update(history)
-        history = old
-    previous.write_text(json.dumps(history, indent=2))
+    return merge_history(opts.out, history)
+
+
+def merge_history(out: Path, history: dict[str, Any]) -> dict[str, Any]:
+    """Merge into ``out/history.json`` under a lock: the two stages may train at the same
+    time into one directory (``--stages seg`` and ``--stages frac``, a core each)."""
+    import fcntl
+
+    with open(out / "history.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = out / "history.json"
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            old.update(history)
+            history = old
+        previous.write_text(json.dumps(history, indent=2))
     return history
 
 

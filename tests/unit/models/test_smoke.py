@@ -6,6 +6,7 @@ shipped model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,13 @@ def test_tiny_training_export_and_pipeline(tiny_layout: Path, tmp_path: Path) ->
     assert findings.label_map is not None and findings.label_map.shape == volume.shape
     assert set(findings.stage_durations) == {"preprocess", "segmentation", "classification"}
     assert 0.0 <= findings.patient_probability <= 1.0
+
+
+def test_stage_histories_merge_into_one_file(tmp_path: Path) -> None:
+    """Two stage runs sharing --out (in parallel, one core each) keep both logs."""
+    from models.train import merge_history
+
+    merge_history(tmp_path, {"seg": {"log": [{"step": 1}]}, "seconds": 1.0})
+    merged = merge_history(tmp_path, {"frac": {"log": [{"step": 2}]}, "seconds": 2.0})
+    assert merged["seg"]["log"] == [{"step": 1}] and merged["frac"]["log"] == [{"step": 2}]
+    assert json.loads((tmp_path / "history.json").read_text()) == merged
