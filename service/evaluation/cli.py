@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from service.evaluation.report import evaluate_dataset, summarize, write_report
+    from service.evaluation.report import StudyResult, evaluate_dataset, summarize, write_report
     from service.inference.runtime import load_runtime
 
     updates: dict[str, object] = {}
@@ -31,7 +31,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
                          else manifest.thresholds.patient)
     vertebra_threshold = (settings.fracture_threshold if settings.fracture_threshold is not None
                           else manifest.thresholds.vertebra)
-    results = []
+    results: list[StudyResult] = []
     for directory in args.dataset:
         remaining = None if args.limit is None else args.limit - len(results)
         if remaining is not None and remaining <= 0:
