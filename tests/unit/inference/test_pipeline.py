@@ -12,7 +12,7 @@ import pytest
 from service.config import Settings
 from service.evaluation import metrics
 from service.imaging.volume import Volume, load_volume
-from service.inference.findings import VERTEBRAE
+from service.inference.findings import VERTEBRAE, Findings
 from service.inference.manifest import load_manifest
 from service.inference.pipeline import NO_VERTEBRA_IN_VIEW, SegGrid, run_pipeline
 from service.inference.runtime import CPU, load_runtime
@@ -97,13 +97,20 @@ CLASSIFIER_DISCRIMINATES = float(_VALIDATION.get("patient_auc") or 0.0) >= 0.9  
 """What calibration measured on the shipped model's validation studies (manifest)."""
 
 
-def test_shipped_model_segments_the_phantom_levels(
-        fractured_series: tuple[Path, object],
-        runtime_and_settings: tuple[object, Settings]) -> None:
-    directory, phantom = fractured_series
+@pytest.fixture(scope="module")
+def shipped_findings(fractured_series: tuple[Path, object],
+                     runtime_and_settings: tuple[object, Settings]) -> Findings:
+    """The shipped model on the fractured phantom, run once for the accuracy tests."""
+    directory, _ = fractured_series
     runtime, settings = runtime_and_settings
     volume = load_volume(sorted(directory.glob("*.dcm")))
-    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    return run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+
+
+def test_shipped_model_segments_the_phantom_levels(
+        fractured_series: tuple[Path, object], shipped_findings: Findings) -> None:
+    _, phantom = fractured_series
+    findings = shipped_findings
     label_map = findings.label_map
     assert label_map is not None
     # Synthetic ground truth on the exact grid; C7 is left out (its Dice is the weakest,
@@ -118,13 +125,8 @@ def test_shipped_model_segments_the_phantom_levels(
                    reason="the shipped classifier does not yet separate fractured from intact "
                           "vertebrae (validation patient AUC below 0.9 in manifest.json; "
                           "see MODEL_CARD.md)")
-def test_shipped_model_finds_a_displaced_body_fracture(
-        fractured_series: tuple[Path, object],
-        runtime_and_settings: tuple[object, Settings]) -> None:
-    directory, _ = fractured_series
-    runtime, settings = runtime_and_settings
-    volume = load_volume(sorted(directory.glob("*.dcm")))
-    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+def test_shipped_model_finds_a_displaced_body_fracture(shipped_findings: Findings) -> None:
+    findings = shipped_findings
     c5 = findings.vertebrae[VERTEBRAE.index("C5")]
     assert c5.suspected and findings.patient_suspected
     assert "C5" in findings.suspected_vertebrae
