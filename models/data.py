@@ -9,8 +9,10 @@ volume slices) and then, through the *runtime's own* preprocessing
 ``seg_image``   uint8 (C, z, y, x): windowed segmentation input on the isotropic grid (x255)
 ``seg_labels``  uint8 (z, y, x): classes 0 background, 1..7 C1..C7, 8 thoracic, same grid
 ``stacks``      uint8 (N, S, C, H, W): classifier inputs (x255); per vertebra in view, one
-                canonical crop and ``jitters`` jittered ones (box shift/scale, z range)
-``stack_label`` int8 (N,): 1..7, which vertebra
+                canonical crop and ``jitters`` jittered ones (box shift/scale, z range),
+                cut with the ground-truth label map, the served segmentation's, or both
+                (``crops``, see :func:`prepare_case`)
+``stack_label`` int8 (N,): 1..7, which vertebra (ground truth, under a served crop's mask)
 ``stack_target`` float32 (N,): vertebra fractured (0/1) from train.csv
 ``slice_target`` float32 (N, S): slice overlaps a fracture box of that vertebra (0/1), or -1
                 when the study has no boxes (unknown: masked out of the loss)
@@ -43,7 +45,7 @@ from service.imaging.preprocess import Box, crop_box, resample_labels
 from service.inference.crops import StackSpec, vertebra_box, vertebra_stack
 from service.inference.findings import VERTEBRAE
 from service.inference.manifest import Preprocessing
-from service.inference.pipeline import segmentation_input
+from service.inference.pipeline import Segmentation, segmentation_input
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +189,63 @@ def fracture_mask(case: Case, label: int, box: Box, spec: StackSpec) -> np.ndarr
     return out
 
 
-def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
+CROP_SOURCES = ("gt", "served", "both")
+"""Which label map the classifier crops are cut with: the ground truth, the segmentation
+model's own output (what the classifier is served at runtime), or both."""
+
+
+def _gt_crop_sources(case: Case, pre: Preprocessing) -> list[tuple[int, int, Box, np.ndarray]]:
+    """(mask label, target label, bbox, label map) per ground-truth level large enough."""
+    assert case.labels is not None
+    voxel_mm3 = float(np.prod(case.spacing))
+    objects = ndimage.find_objects(case.labels, max_label=len(VERTEBRAE))
+    counts = np.bincount(case.labels.ravel(), minlength=len(VERTEBRAE) + 1)
+    out = []
+    for index, obj in enumerate(objects):
+        label = index + 1
+        if obj is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
+            continue
+        bbox: Box = (obj[0].start, obj[1].start, obj[2].start, obj[0].stop, obj[1].stop,
+                     obj[2].stop)
+        out.append((label, label, bbox, case.labels))
+    return out
+
+
+def _served_crop_sources(case: Case, served: Segmentation
+                         ) -> list[tuple[int, int, Box, np.ndarray]]:
+    """(mask label, target label, bbox, label map) per level the served segmentation finds.
+
+    The target is the ground-truth level under most of the served mask: a crop the
+    segmentation calls C5 but that holds C6's bone is judged by C6's fracture status, which is
+    what its pixels show (the level it is reported at is the segmentation's business).
+    """
+    assert case.labels is not None
+    out = []
+    for label, bbox in served.in_view:
+        under = case.labels[served.label_map == label]
+        under = under[(under >= 1) & (under <= len(VERTEBRAE))]
+        if under.size == 0:
+            continue  # the segmentation's level holds no cervical bone: nothing to learn
+        truth = int(np.bincount(under).argmax())
+        out.append((label, truth, bbox, served.label_map))
+    return out
+
+
+def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int,
+                 served: Segmentation | None = None, crops: str = "gt",
                  ) -> dict[str, np.ndarray]:
-    """All training arrays of one case (see module docstring)."""
+    """All training arrays of one case (see module docstring).
+
+    ``crops`` says which label map the classifier crops come from (:data:`CROP_SOURCES`);
+    "served" and "both" need ``served``, the segmentation stage's output on this case
+    (:func:`service.inference.pipeline.segment_volume`).
+    """
     if case.labels is None:
         raise ValueError(f"study {case.uid} has no segmentation; it cannot train the model")
+    if crops not in CROP_SOURCES:
+        raise ValueError(f"crops must be one of {CROP_SOURCES}, not {crops!r}")
+    if crops != "gt" and served is None:
+        raise ValueError(f"crops={crops!r} needs the served segmentation")
     rng = np.random.default_rng(seed)
     image, grid = segmentation_input(case.hu, case.spacing, pre)
     z, y, x = grid.shape
@@ -199,29 +253,27 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int
     seg_labels = resample_labels(case.labels, case.spacing, grid.spacing,
                                  output_shape=grid.shape).astype(np.uint8)
     spec = pre.stack_spec()
-    voxel_mm3 = float(np.prod(case.spacing))
-    objects = ndimage.find_objects(case.labels, max_label=len(VERTEBRAE))
-    counts = np.bincount(case.labels.ravel(), minlength=len(VERTEBRAE) + 1)
+    sources = []
+    if crops in ("gt", "both"):
+        sources += _gt_crop_sources(case, pre)
+    if crops in ("served", "both"):
+        assert served is not None
+        sources += _served_crop_sources(case, served)
     stacks, labels, targets, s_targets, canonical, masks = [], [], [], [], [], []
     unknown_mask = np.full((spec.slices, spec.size, spec.size), 255, np.uint8)
-    for index, obj in enumerate(objects):
-        label = index + 1
-        if obj is None or counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
-            continue
-        bbox: Box = (obj[0].start, obj[1].start, obj[2].start, obj[0].stop, obj[1].stop,
-                     obj[2].stop)
+    for label, truth, bbox, label_map in sources:
         base = vertebra_box(bbox, case.spacing, spec)
-        target = float(case.vertebra_fractured[index]) if case.vertebra_fractured is not None \
+        target = float(case.vertebra_fractured[truth - 1]) if case.vertebra_fractured is not None \
             else -1.0
         for variant in range(jitters + 1):
             box = base if variant == 0 else jitter_box(base, rng)
-            stack, zs = vertebra_stack(case.hu, case.labels, label, box, spec)
+            stack, zs = vertebra_stack(case.hu, label_map, label, box, spec)
             stacks.append(_to_uint8(stack))
-            labels.append(label)
+            labels.append(truth)
             targets.append(target)
-            s_targets.append(slice_targets(case, label, zs))
+            s_targets.append(slice_targets(case, truth, zs))
             canonical.append(variant == 0)
-            mask = fracture_mask(case, label, box, spec)
+            mask = fracture_mask(case, truth, box, spec)
             masks.append(unknown_mask if mask is None else mask)
     shape = (0, spec.slices, spec.channels, spec.size, spec.size)
     return {

@@ -9,6 +9,11 @@ few studies' DICOM files exist at a time::
 
     python -m models.prepare synthetic --seeds 1000:1400 --matrix 256 --cache var/cache/train
 
+``--crops served --model-dir models/cspine-v1`` cuts the classifier crops with that model's
+own segmentation (the masks and boxes the classifier is served at runtime) instead of the
+ground truth; ``--crops both`` keeps both. A classifier trained only on ground-truth crops
+does not transfer to the served ones (``models/experiments/2026-11-26-frac-more-positives``).
+
 ``--keep-dicom DIR`` keeps the synthetic layout (the validation and test sets are evaluated
 from DICOM by ``triage evaluate``). Studies already in the cache are skipped, so an
 interrupted run resumes where it stopped.
@@ -28,16 +33,56 @@ from pathlib import Path
 from tqdm import tqdm
 
 from models.config import default_preprocessing
-from models.data import case_from_phantom, case_from_rsna, prepare_case, save_prepared
+from models.data import (
+    CROP_SOURCES,
+    Case,
+    case_from_phantom,
+    case_from_rsna,
+    prepare_case,
+    save_prepared,
+)
 from service.evaluation.rsna import RsnaDataset
 
 logger = logging.getLogger(__name__)
 
 
+class CaseWriter:
+    """Prepares one case into the cache, with the served segmentation when the crops need it."""
+
+    def __init__(self, *, jitters: int, crops: str = "gt", model_dir: Path | None = None,
+                 threads: int = 1) -> None:
+        self.pre = default_preprocessing()
+        self.jitters = jitters
+        self.crops = crops
+        self.seg = None
+        if crops != "gt":
+            if model_dir is None:
+                raise ValueError(f"--crops {crops} needs --model-dir (the segmentation to serve)")
+            from service.config import Settings
+            from service.inference.runtime import load_runtime
+
+            runtime = load_runtime(Settings(model_dir=model_dir,
+                                            execution_providers=["CPUExecutionProvider"],
+                                            ort_intra_op_threads=threads))
+            if runtime.manifest.preprocessing != self.pre:
+                raise ValueError(f"{model_dir} was trained with other preprocessing than "
+                                 "models.config; its masks would not match these crops")
+            self.seg = runtime.seg
+
+    def write(self, target: Path, case: Case, seed: int) -> None:
+        served = None
+        if self.seg is not None:
+            from service.inference.pipeline import segment_volume
+
+            served = segment_volume(case.hu, case.spacing, self.seg, self.pre)
+        save_prepared(target, prepare_case(case, self.pre, jitters=self.jitters, seed=seed,
+                                           served=served, crops=self.crops))
+
+
 def prepare_rsna(root: Path, cache: Path, *, jitters: int, seed: int,
-                 progress: bool = True) -> int:
+                 progress: bool = True, writer: CaseWriter | None = None) -> int:
     """Prepare every study of an RSNA-layout directory that has a segmentation."""
-    pre = default_preprocessing()
+    writer = writer or CaseWriter(jitters=jitters)
     dataset = RsnaDataset(root)
     done = 0
     for i, study in enumerate(tqdm(list(dataset), desc="prepare", disable=not progress)):
@@ -47,8 +92,7 @@ def prepare_rsna(root: Path, cache: Path, *, jitters: int, seed: int,
         if study.segmentation is None:
             logger.info("study %s has no segmentation; skipped", study.study_instance_uid)
             continue
-        case = case_from_rsna(study)
-        save_prepared(target, prepare_case(case, pre, jitters=jitters, seed=seed * 100003 + i))
+        writer.write(target, case_from_rsna(study), seed * 100003 + i)
         done += 1
     return done
 
@@ -64,7 +108,7 @@ def parse_seeds(text: str) -> list[int]:
 def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters: int,
                       chunk: int = 8, keep_dicom: Path | None = None,
                       fracture_rate: float = 0.5, progress: bool = True,
-                      via_memory: bool = False) -> int:
+                      via_memory: bool = False, writer: CaseWriter | None = None) -> int:
     """Generate phantoms by seed, write them in the RSNA layout, prepare them into ``cache``.
 
     ``via_memory`` skips the DICOM/NIfTI round trip (same arrays, half the time; see
@@ -72,7 +116,7 @@ def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters
     """
     from service.synthetic import generate_phantom, random_options, write_rsna_layout
 
-    pre = default_preprocessing()
+    writer = writer or CaseWriter(jitters=jitters)
     done = 0
     failed: list[int] = []
     bar = tqdm(total=len(seeds), desc="synthetic", disable=not progress)
@@ -90,8 +134,7 @@ def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters
             uid = study_uid(phantom)
             target = cache / f"{uid}.npz"
             if not target.exists():
-                save_prepared(target, prepare_case(case_from_phantom(phantom, uid), pre,
-                                                   jitters=jitters, seed=s))
+                writer.write(target, case_from_phantom(phantom, uid), s)
                 done += 1
             bar.update(1)
         seeds = []
@@ -120,8 +163,7 @@ def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters
             for uid, seed in zip(index.studies, used, strict=True):
                 target = cache / f"{uid}.npz"
                 if not target.exists():
-                    case = case_from_rsna(dataset.study(uid))
-                    save_prepared(target, prepare_case(case, pre, jitters=jitters, seed=seed))
+                    writer.write(target, case_from_rsna(dataset.study(uid)), seed)
                     done += 1
                 bar.update(1)
         finally:
@@ -154,18 +196,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="jittered crops per vertebra besides the canonical one")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--crops", choices=CROP_SOURCES, default="gt",
+                       help="label map the classifier crops are cut with (default gt)")
+        p.add_argument("--model-dir", type=Path, default=None,
+                       help="model whose segmentation cuts served crops")
+        p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started = time.perf_counter()
+    writer = CaseWriter(jitters=args.jitters, crops=args.crops, model_dir=args.model_dir,
+                        threads=args.threads)
     if args.source == "rsna":
         count = prepare_rsna(args.dataset, args.cache, jitters=args.jitters, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, writer=writer)
     else:
         count = prepare_synthetic(parse_seeds(args.seeds), args.cache, matrix=args.matrix,
                                   jitters=args.jitters, chunk=args.chunk,
                                   keep_dicom=args.keep_dicom,
                                   fracture_rate=args.fracture_rate,
-                                  progress=not args.no_progress, via_memory=args.via_memory)
+                                  progress=not args.no_progress, via_memory=args.via_memory,
+                                  writer=writer)
     logger.info("prepared %d studies into %s in %.0f s", count, args.cache,
                 time.perf_counter() - started)
     return 0

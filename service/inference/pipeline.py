@@ -43,7 +43,7 @@ from service.inference.findings import (
     instances_fingerprint,
 )
 from service.inference.manifest import Preprocessing
-from service.inference.runtime import ModelRuntime, get_runtime
+from service.inference.runtime import ModelRuntime, Stage, get_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -144,30 +144,39 @@ def _key_slices(scores: np.ndarray, first_z: int, count: int) -> tuple[int, ...]
     return tuple(int(first_z + i) for i in order)
 
 
-def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
-            load_seconds: float | None = None) -> Findings:
-    """Run both model stages on a loaded volume and return the findings."""
-    manifest = runtime.manifest
-    pre = manifest.preprocessing
-    durations: dict[str, float] = {}
-    if load_seconds is not None:
-        durations["load"] = load_seconds
-    warnings: list[str] = []
+@dataclass
+class Segmentation:
+    """What the segmentation stage hands the classifier (and the DICOM SEG)."""
 
+    label_map: np.ndarray
+    """(z, y, x) on the volume grid: 0 background, 1..7 C1..C7 in view."""
+    in_view: list[tuple[int, tuple[int, int, int, int, int, int]]]
+    """(label, voxel box on the volume grid, end-exclusive) of every level in view."""
+    warnings: list[str]
+
+
+def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Preprocessing,
+                   durations: dict[str, float] | None = None) -> Segmentation:
+    """Stage 1 on one HU volume: the levels in view and their label map.
+
+    Shared by :func:`run_pipeline` and by ``models.data``, which cuts classifier training
+    crops from this very output so the classifier learns on the masks it is served.
+    """
+    durations = durations if durations is not None else {}
+    warnings: list[str] = []
     started = time.perf_counter()
-    coarse_hu, grid = coarse_volume(volume.hu, volume.spacing, pre)
+    coarse_hu, grid = coarse_volume(hu, spacing, pre)
     image = window_and_pad(coarse_hu, grid, pre)
     durations["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    probabilities = runtime.seg.run(image)[0][0]
+    probabilities = seg.run(image)[0][0]
     z, y, x = grid.shape
     coarse = np.argmax(probabilities[:, :z, :y, :x], axis=0).astype(np.uint8)
     del probabilities
     coarse = clean_labels(coarse, len(pre.seg_classes))
     coarse[coarse > len(VERTEBRAE)] = 0  # extra classes (thoracic) are context, not findings
-    label_map = resample_to_original(coarse, grid.spacing, volume.spacing, volume.shape,
-                                     order=0)
+    label_map = resample_to_original(coarse, grid.spacing, tuple(spacing), hu.shape, order=0)
     voxel_mm3 = float(np.prod(grid.spacing))
     counts = np.bincount(coarse.ravel(), minlength=len(VERTEBRAE) + 1)
     # Plausibility: a vertebra is bone. A segmented level without bone-density voxels (a
@@ -176,10 +185,6 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
                        minlength=len(VERTEBRAE) + 1)
     del coarse_hu
     coarse_boxes = ndimage.find_objects(coarse, max_label=len(VERTEBRAE))
-    durations["segmentation"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    spec = pre.stack_spec()
     in_view: list[tuple[int, tuple[int, int, int, int, int, int]]] = []
     for index in range(len(VERTEBRAE)):
         label = index + 1
@@ -200,6 +205,24 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
         if cbox[0] == 0 or cbox[3] >= grid.shape[0]:
             warnings.append(f"{PARTIAL_VERTEBRA}:{VERTEBRAE[index]}")
         in_view.append((label, bbox))
+    durations["segmentation"] = time.perf_counter() - started
+    return Segmentation(label_map=label_map, in_view=in_view, warnings=warnings)
+
+
+def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
+                 load_seconds: float | None = None) -> Findings:
+    """Run both model stages on a loaded volume and return the findings."""
+    manifest = runtime.manifest
+    pre = manifest.preprocessing
+    durations: dict[str, float] = {}
+    if load_seconds is not None:
+        durations["load"] = load_seconds
+    segmentation = segment_volume(volume.hu, volume.spacing, runtime.seg, pre, durations)
+    label_map, in_view = segmentation.label_map, segmentation.in_view
+    warnings = list(segmentation.warnings)
+
+    started = time.perf_counter()
+    spec = pre.stack_spec()
     stacks, z_positions = [], []
     for label, bbox in in_view:
         stack, zs = vertebra_stack(volume.hu, label_map, label,
