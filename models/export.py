@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _training_summary(history: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: history[k] for k in ("train_studies", "val_studies", "seed",
-                                                   "device", "threads", "seconds")
+                                                   "device", "threads", "seconds", "note")
                            if k in history}
     for stage in ("seg", "frac"):
         if stage in history:

@@ -122,14 +122,18 @@ def test_shipped_model_segments_the_phantom_levels(
 
 
 @pytest.mark.xfail(not CLASSIFIER_DISCRIMINATES, strict=True,
-                   reason="the shipped classifier does not yet separate fractured from intact "
-                          "vertebrae (validation patient AUC below 0.9 in manifest.json; "
+                   reason="the shipped classifier separates fractured from intact vertebrae "
+                          "only weakly (validation patient AUC below 0.9 in manifest.json; "
                           "see MODEL_CARD.md)")
 def test_shipped_model_finds_a_displaced_body_fracture(shipped_findings: Findings) -> None:
     findings = shipped_findings
     c5 = findings.vertebrae[VERTEBRAE.index("C5")]
     assert c5.suspected and findings.patient_suspected
-    assert "C5" in findings.suspected_vertebrae
+    # Found means localized: the fractured level scores highest, not merely above a
+    # sensitivity-first threshold that flags most levels.
+    others = [v.probability for v in findings.vertebrae
+              if v.vertebra != "C5" and v.probability is not None]
+    assert c5.probability is not None and c5.probability > max(others)
 
 
 def test_threshold_overrides_from_settings(fractured_series: tuple[Path, object],
