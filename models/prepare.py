@@ -79,10 +79,9 @@ class CaseWriter:
                                            served=served, crops=self.crops))
 
 
-def prepare_rsna(root: Path, cache: Path, *, jitters: int, seed: int,
-                 progress: bool = True, writer: CaseWriter | None = None) -> int:
+def prepare_rsna(root: Path, cache: Path, *, writer: CaseWriter, seed: int,
+                 progress: bool = True) -> int:
     """Prepare every study of an RSNA-layout directory that has a segmentation."""
-    writer = writer or CaseWriter(jitters=jitters)
     dataset = RsnaDataset(root)
     done = 0
     for i, study in enumerate(tqdm(list(dataset), desc="prepare", disable=not progress)):
@@ -105,10 +104,10 @@ def parse_seeds(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters: int,
+def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, writer: CaseWriter,
                       chunk: int = 8, keep_dicom: Path | None = None,
                       fracture_rate: float = 0.5, progress: bool = True,
-                      via_memory: bool = False, writer: CaseWriter | None = None) -> int:
+                      via_memory: bool = False) -> int:
     """Generate phantoms by seed, write them in the RSNA layout, prepare them into ``cache``.
 
     ``via_memory`` skips the DICOM/NIfTI round trip (same arrays, half the time; see
@@ -116,7 +115,6 @@ def prepare_synthetic(seeds: Sequence[int], cache: Path, *, matrix: int, jitters
     """
     from service.synthetic import generate_phantom, random_options, write_rsna_layout
 
-    writer = writer or CaseWriter(jitters=jitters)
     done = 0
     failed: list[int] = []
     bar = tqdm(total=len(seeds), desc="synthetic", disable=not progress)
@@ -207,15 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = CaseWriter(jitters=args.jitters, crops=args.crops, model_dir=args.model_dir,
                         threads=args.threads)
     if args.source == "rsna":
-        count = prepare_rsna(args.dataset, args.cache, jitters=args.jitters, seed=args.seed,
-                             progress=not args.no_progress, writer=writer)
+        count = prepare_rsna(args.dataset, args.cache, writer=writer, seed=args.seed,
+                             progress=not args.no_progress)
     else:
         count = prepare_synthetic(parse_seeds(args.seeds), args.cache, matrix=args.matrix,
-                                  jitters=args.jitters, chunk=args.chunk,
+                                  writer=writer, chunk=args.chunk,
                                   keep_dicom=args.keep_dicom,
                                   fracture_rate=args.fracture_rate,
-                                  progress=not args.no_progress, via_memory=args.via_memory,
-                                  writer=writer)
+                                  progress=not args.no_progress, via_memory=args.via_memory)
     logger.info("prepared %d studies into %s in %.0f s", count, args.cache,
                 time.perf_counter() - started)
     return 0
