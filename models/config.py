@@ -15,12 +15,14 @@ SEG_CLASSES: list[str] = ["background", *VERTEBRAE, "thoracic"]
 
 
 def default_preprocessing(*, crop_size: int = 64, crop_slices: int = 16,
-                          seg_spacing_mm: float = 2.5) -> Preprocessing:
+                          seg_spacing_mm: float = 2.5,
+                          seg_field_of_view_mm: float | None = 180.0) -> Preprocessing:
     windows = [Window(name=w.name, width=w.width, level=w.level) for w in DEFAULT_WINDOWS]
     return Preprocessing(
         windows=windows,
         seg_spacing_mm=seg_spacing_mm,
         seg_divisor=8,
+        seg_field_of_view_mm=seg_field_of_view_mm,
         seg_classes=SEG_CLASSES,
         min_vertebra_volume_mm3=400.0,
         crop_slices=crop_slices,

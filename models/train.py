@@ -40,6 +40,8 @@ from models.arch import (
 from models.config import default_preprocessing
 from models.data import load_prepared
 from service.evaluation import metrics
+from service.inference.manifest import Preprocessing
+from service.inference.pipeline import segmentation_labels
 
 logger = logging.getLogger(__name__)
 
@@ -248,16 +250,20 @@ def frac_loss(vertebra_logit: torch.Tensor, slice_logits: torch.Tensor, target: 
 
 @torch.no_grad()
 def evaluate_seg(net: SegUNet3D, studies: Sequence[Study], device: torch.device,
-                 classes: int) -> dict[str, float]:
+                 pre: Preprocessing) -> dict[str, float]:
+    """Dice per class of the served label map (``segmentation_labels``: the same passes)."""
     net.eval()
+    classes = len(pre.seg_classes)
     dices: dict[int, list[float]] = {c: [] for c in range(1, classes)}
-    div = net.divisor
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        raw = net(torch.from_numpy(np.ascontiguousarray(x)).to(device))
+        return seg_class_probabilities(raw, net.config).cpu().numpy()
+
     for s in studies:
-        shape = [int(math.ceil(n / div) * div) for n in s.seg_labels.shape]
-        img = _pad_to(s.seg_image, shape).astype(np.float32) / 255.0
-        probs = seg_class_probabilities(net(torch.from_numpy(img[None]).to(device)), net.config)
         z, y, x = s.seg_labels.shape
-        pred = probs[0, :, :z, :y, :x].argmax(0).cpu().numpy()
+        img = s.seg_image[:, :z, :y, :x].astype(np.float32) / 255.0
+        pred = segmentation_labels(img, predict, pre)
         for c in dices:
             d = metrics.dice(s.seg_labels, pred, c)
             if d is not None:
@@ -354,10 +360,13 @@ class TrainOptions:
     frac_budget_s: float | None = None
     """Same for the classifier stage."""
     seg_val_studies: int = 12
+    """Validation volumes scored per segmentation evaluation (whole volumes are slow on CPU)."""
+    pre: Preprocessing = field(default_factory=default_preprocessing)
+    """What the segmentation validation serves (``models.config``, written into the manifest)."""
     init_seg: Path | None = None
     """Start the segmentation net from this checkpoint (continued training)."""
     init_frac: Path | None = None
-    """Validation volumes scored per segmentation evaluation (whole volumes are slow on CPU)."""
+    """Start the classifier from this checkpoint."""
 
 
 def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
@@ -395,8 +404,8 @@ def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
         over_time = (opts.seg_budget_s is not None
                      and _progress(step + 1, opts.seg_steps, started, opts.seg_budget_s) >= 1)
         if evaluate or over_time:
-            scores = (evaluate_seg(net, val[:opts.seg_val_studies], device,
-                                   opts.seg_config.classes) if val else {})
+            scores = (evaluate_seg(net, val[:opts.seg_val_studies], device, opts.pre)
+                      if val else {})
             entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
                      **scores}
             log.append(entry)
@@ -570,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frac_config=FracConfig(in_channels=pre.frac_channels, pixel_head=not args.no_pixel_head),
         seg_budget_s=args.seg_minutes * 60 if args.seg_minutes else None,
         frac_budget_s=args.frac_minutes * 60 if args.frac_minutes else None,
-        init_seg=args.init_seg, init_frac=args.init_frac)
+        init_seg=args.init_seg, init_frac=args.init_frac, pre=pre)
     history = train(train_studies, val_studies, opts, stages=args.stages.split(","))
     logger.info("done in %.0f s; history in %s", history["seconds"], args.out / "history.json")
     return 0

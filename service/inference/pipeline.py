@@ -7,7 +7,9 @@ Stages (each timed into ``Findings.stage_durations``, seconds):
     see ``service.imaging.preprocess``), windowed into the model's channels and padded at the
     far end of each axis to a multiple of ``seg_divisor``.
 ``segmentation``
-    ``seg.onnx`` gives class probabilities on that grid; the arg-max label map is cleaned
+    ``seg.onnx`` gives class probabilities on that grid (where the manifest names a
+    ``seg_field_of_view_mm``, a second pass on that square around the spine the first pass
+    found, the field of view the net learned on); the arg-max label map is cleaned
     (each level keeps its largest connected component, so a stray blob cannot put a vertebra
     "in view") and brought back to the volume's own grid by nearest neighbour: that is the
     label map the DICOM SEG is built from (0 background, 1..7 = C1..C7; the model's extra
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +112,15 @@ def coarse_volume(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
 
 def window_and_pad(coarse: np.ndarray, grid: SegGrid, pre: Preprocessing) -> np.ndarray:
     """(1, C, Z, Y, X) float32 network input from the coarse HU volume."""
-    image = multi_window(coarse, pre.preprocess_windows())
-    pad = [(0, 0)] + [(0, p - n) for n, p in zip(grid.shape, grid.padded_shape, strict=True)]
-    return np.pad(image, pad, mode="constant")[None]
+    image = pad_to_divisor(multi_window(coarse, pre.preprocess_windows()), pre.seg_divisor)
+    assert image.shape[1:] == grid.padded_shape
+    return image[None]
+
+
+def pad_to_divisor(image: np.ndarray, divisor: int) -> np.ndarray:
+    """(C, z, y, x) padded at the far end of each spatial axis to a multiple of ``divisor``."""
+    pad = [(0, 0)] + [(0, -(-n // divisor) * divisor - n) for n in image.shape[1:]]
+    return np.pad(image, pad, mode="constant")
 
 
 def segmentation_input(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
@@ -120,6 +128,59 @@ def segmentation_input(hu: np.ndarray, spacing: Sequence[float], pre: Preprocess
     """(1, C, Z, Y, X) float32 network input and its grid; shared with training."""
     coarse, grid = coarse_volume(hu, spacing, pre)
     return window_and_pad(coarse, grid, pre), grid
+
+
+SegPredict = Callable[[np.ndarray], np.ndarray]
+"""(1, C, Z, Y, X) window image, each size a multiple of ``seg_divisor`` -> (1, classes, Z, Y,
+X) class probabilities: ``seg.onnx`` at runtime, the torch net while training."""
+
+
+def _argmax_labels(image: np.ndarray, predict: SegPredict, divisor: int) -> np.ndarray:
+    shape = image.shape[1:]
+    probabilities = predict(pad_to_divisor(image, divisor)[None])[0]
+    z, y, x = shape
+    return np.argmax(probabilities[:, :z, :y, :x], axis=0).astype(np.uint8)
+
+
+def spine_window(labels: np.ndarray, side: int) -> tuple[slice, slice] | None:
+    """The in-plane (y, x) square of ``side`` voxels centred on the segmented spine.
+
+    None where the image is no wider than that already or nothing was segmented. The centre
+    is the median of the foreground voxels, so a stray blob does not move it.
+    """
+    if labels.shape[1] <= side and labels.shape[2] <= side:
+        return None
+    cervical = (labels >= 1) & (labels <= len(VERTEBRAE))
+    yx = np.argwhere(cervical.any(axis=0) if cervical.any() else (labels > 0).any(axis=0))
+    if not len(yx):
+        return None
+    window = []
+    for axis, centre in enumerate(np.median(yx, axis=0)):
+        n = labels.shape[axis + 1]
+        start = int(np.clip(round(float(centre) - side / 2), 0, max(0, n - side)))
+        window.append(slice(start, min(n, start + side)))
+    return window[0], window[1]
+
+
+def segmentation_labels(image: np.ndarray, predict: SegPredict, pre: Preprocessing,
+                        ) -> np.ndarray:
+    """Arg-max class labels (z, y, x) of the unpadded window image (C, z, y, x).
+
+    Shared by the runtime and by training's validation, so the Dice that picks a checkpoint
+    is measured the way the model is served.
+    """
+    labels = _argmax_labels(image, predict, pre.seg_divisor)
+    if pre.seg_field_of_view_mm is None:
+        return labels
+    side = int(-(-round(pre.seg_field_of_view_mm / pre.seg_spacing_mm) // pre.seg_divisor)
+               * pre.seg_divisor)
+    window = spine_window(labels, side)
+    if window is None:
+        return labels
+    focused = np.zeros_like(labels)
+    focused[:, window[0], window[1]] = _argmax_labels(image[:, :, window[0], window[1]],
+                                                      predict, pre.seg_divisor)
+    return focused
 
 
 def clean_labels(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -166,14 +227,12 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
     warnings: list[str] = []
     started = time.perf_counter()
     coarse_hu, grid = coarse_volume(hu, spacing, pre)
-    image = window_and_pad(coarse_hu, grid, pre)
+    image = multi_window(coarse_hu, pre.preprocess_windows())
     durations["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    probabilities = seg.run(image)[0][0]
-    z, y, x = grid.shape
-    coarse = np.argmax(probabilities[:, :z, :y, :x], axis=0).astype(np.uint8)
-    del probabilities
+    coarse = segmentation_labels(image, lambda x: seg.run(x)[0], pre)
+    del image
     coarse = clean_labels(coarse, len(pre.seg_classes))
     coarse[coarse > len(VERTEBRAE)] = 0  # extra classes (thoracic) are context, not findings
     label_map = resample_to_original(coarse, grid.spacing, tuple(spacing), hu.shape, order=0)
