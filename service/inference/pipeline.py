@@ -56,6 +56,9 @@ FRAC_BATCH = 8
 PARTIAL_VERTEBRA = "PARTIAL_VERTEBRA"
 NO_VERTEBRA_IN_VIEW = "NO_VERTEBRA_IN_VIEW"
 NOT_BONE = "SEGMENTED_LEVEL_WITHOUT_BONE"
+OUT_OF_ORDER = "LEVELS_OUT_OF_ORDER"
+"""The levels' centres do not follow C1, C2, ... along the spine: the segmentation (and so
+every per-level finding) is not to be trusted; seen on a real scan unlike the training data."""
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,19 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
         if cbox[0] == 0 or cbox[3] >= grid.shape[0]:
             warnings.append(f"{PARTIAL_VERTEBRA}:{VERTEBRAE[index]}")
         in_view.append((label, bbox))
+    if not levels_in_order(coarse, [label for label, _ in in_view]):
+        warnings.append(OUT_OF_ORDER)
     durations["segmentation"] = time.perf_counter() - started
     return Segmentation(label_map=label_map, in_view=in_view, warnings=warnings)
+
+
+def levels_in_order(labels: np.ndarray, levels: Sequence[int]) -> bool:
+    """Whether the levels' centres along z follow their order (either way along the axis)."""
+    if len(levels) < 3:
+        return True
+    centres = ndimage.center_of_mass(labels > 0, labels, list(levels))
+    steps = np.diff([c[0] for c in centres])
+    return bool((steps > 0).all() or (steps < 0).all())
 
 
 def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,

@@ -22,6 +22,10 @@ class AnalysisSummary(BaseModel):
     input_fingerprint: str
     """SHA-256 of the sorted (SOP Instance UID, instance SHA-256) pairs analysed."""
     reason_code: str | None
+    warnings: list[str] = Field(default_factory=list)
+    """Image-QC and model warnings of a finished analysis (``GANTRY_TILT_RESAMPLED``,
+    ``PARTIAL_VERTEBRA:C7``, ``LEVELS_OUT_OF_ORDER``, ...): why its findings deserve a
+    closer look."""
     attempts: int
     superseded_by_id: int | None
     created_at: datetime

@@ -128,7 +128,8 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
         analyses=[AnalysisSummary(
             id=a.id, state=a.state, model_version=a.model_version,
             input_fingerprint=a.input_fingerprint, reason_code=a.reason_code,
-            attempts=a.attempts, superseded_by_id=a.superseded_by_id, created_at=a.created_at,
+            warnings=[str(w) for w in a.warnings or []], attempts=a.attempts,
+            superseded_by_id=a.superseded_by_id, created_at=a.created_at,
             queued_at=a.queued_at, started_at=a.started_at, finished_at=a.finished_at)
             for a in analyses],
     )

@@ -16,7 +16,9 @@ from service.inference.findings import VERTEBRAE, Findings
 from service.inference.manifest import load_manifest
 from service.inference.pipeline import (
     NO_VERTEBRA_IN_VIEW,
+    OUT_OF_ORDER,
     SegGrid,
+    levels_in_order,
     run_pipeline,
     segment_volume,
 )
@@ -146,6 +148,29 @@ def test_shipped_model_counts_the_levels_in_a_wide_field_of_view(
         d = metrics.dice(truth, seg.label_map, index + 1)
         assert d is not None and d > 0.7, (level, d)
     assert [label for label, _ in seg.in_view] == list(range(1, 8))
+    assert OUT_OF_ORDER not in seg.warnings
+
+
+def test_the_pipeline_runs_on_a_real_scanners_series(
+        real_ct_dir: Path, runtime_and_settings: tuple[object, Settings]) -> None:
+    """A real head-and-neck CT (511 mm field of view, 3 mm slices; no labels, so no accuracy).
+
+    The findings keep their contract on real data, and the level-order check speaks for
+    what the label map shows.
+    """
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(real_ct_dir.glob("*.dcm")))
+    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    assert [v.vertebra for v in findings.vertebrae] == list(VERTEBRAE)
+    label_map = findings.label_map
+    assert label_map is not None and label_map.shape == volume.shape
+    for v in findings.vertebrae:
+        assert (v.probability is not None) == v.in_view
+        if v.in_view:
+            label = VERTEBRAE.index(v.vertebra) + 1
+            assert v.bbox is not None and (label_map == label).any()
+    levels = [VERTEBRAE.index(v.vertebra) + 1 for v in findings.vertebrae if v.in_view]
+    assert (OUT_OF_ORDER in findings.warnings) == (not levels_in_order(label_map, levels))
 
 
 @pytest.mark.xfail(not CLASSIFIER_DISCRIMINATES, strict=True,

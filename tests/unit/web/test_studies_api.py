@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from service.db.tables import Analysis
 from service.ingest.bookkeeper import write_batch
 from service.ingest.dispatch import AnalysisDispatcher
 from service.ingest.tracker import Tracker
@@ -59,6 +60,14 @@ def test_studies_and_series_show_states_decisions_and_times(
         assert detail["qualification_detail"].startswith("axial CT")
         assert detail["analyses"][0]["state"] == "QUEUED"
         assert len(detail["analyses"][0]["input_fingerprint"]) == 64
+        assert detail["analyses"][0]["warnings"] == []
+        with env.factory() as session, session.begin():
+            analysis = session.get(Analysis, detail["analyses"][0]["id"])
+            assert analysis is not None
+            analysis.warnings = ["GANTRY_TILT_RESAMPLED", "LEVELS_OUT_OF_ORDER"]
+        detail = client.get(f"/api/series/{good.series_uid}").json()
+        assert detail["analyses"][0]["warnings"] == ["GANTRY_TILT_RESAMPLED",
+                                                     "LEVELS_OUT_OF_ORDER"]
         assert detail["duplicate_conflicts"] == 0 and detail["bytes_received"] > 0
         assert client.get("/api/series/1.2.3.404").status_code == 404
         assert client.get("/api/studies", params={"limit": 0}).status_code == 422
