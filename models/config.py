@@ -16,7 +16,8 @@ SEG_CLASSES: list[str] = ["background", *VERTEBRAE, "thoracic"]
 
 def default_preprocessing(*, crop_size: int = 64, crop_slices: int = 16,
                           seg_spacing_mm: float = 2.5,
-                          seg_field_of_view_mm: float | None = 180.0) -> Preprocessing:
+                          seg_field_of_view_mm: float | None = 180.0,
+                          crop_flip_average: bool = True) -> Preprocessing:
     windows = [Window(name=w.name, width=w.width, level=w.level) for w in DEFAULT_WINDOWS]
     return Preprocessing(
         windows=windows,
@@ -33,4 +34,5 @@ def default_preprocessing(*, crop_size: int = 64, crop_slices: int = 16,
         crop_subsamples=3,
         crop_neighbour_window=[w.name for w in DEFAULT_WINDOWS].index(STANDARD_BONE_WINDOW.name),
         mask_channel=True,
+        crop_flip_average=crop_flip_average,
     )

@@ -277,16 +277,22 @@ def evaluate_seg(net: SegUNet3D, studies: Sequence[Study], device: torch.device,
 
 @torch.no_grad()
 def evaluate_frac(net: FractureNet, studies: Sequence[Study], device: torch.device,
-                  batch: int = 32) -> dict[str, float]:
-    """Vertebra- and patient-level AUC and log loss on canonical crops (GT segmentation)."""
+                  batch: int = 32, flip_average: bool = False) -> dict[str, float]:
+    """Vertebra- and patient-level AUC and log loss on the canonical crops of the cache.
+
+    ``flip_average``: score each crop as the runtime does with ``crop_flip_average``.
+    """
     net.eval()
     items = frac_items(studies, canonical_only=True)
     probs = np.zeros(len(items.target), np.float32)
     for start in range(0, len(items.target), batch):
         rows = range(start, min(start + batch, len(items.target)))
-        x = np.stack([studies[items.study[k]].stacks[items.index[k]] for k in rows])
-        logit, _ = net(torch.from_numpy(x.astype(np.float32) / 255.0).to(device))
-        probs[start:start + len(x)] = torch.sigmoid(logit).cpu().numpy()
+        x = torch.from_numpy(np.stack([studies[items.study[k]].stacks[items.index[k]]
+                                       for k in rows]).astype(np.float32) / 255.0).to(device)
+        p = torch.sigmoid(net(x)[0])
+        if flip_average:
+            p = (p + torch.sigmoid(net(torch.flip(x, dims=(-1,)))[0])) / 2
+        probs[start:start + len(x)] = p.cpu().numpy()
     net.train()
     patient_p: dict[int, float] = {}
     patient_y: dict[int, float] = {}
@@ -468,7 +474,8 @@ def train_frac(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
         over_time = (opts.frac_budget_s is not None
                      and _progress(step + 1, opts.frac_steps, started, opts.frac_budget_s) >= 1)
         if evaluate or over_time:
-            scores = evaluate_frac(net, val, device) if val else {}
+            scores = (evaluate_frac(net, val, device, flip_average=opts.pre.crop_flip_average)
+                      if val else {})
             entry = {"step": step + 1, "loss": running, "elapsed_s": time.perf_counter() - started,
                      **scores}
             log.append(entry)

@@ -110,6 +110,10 @@ class Preprocessing(_Strict):
     """Index into ``windows`` of the window sampled at the off-centre sub-bins."""
     mask_channel: bool = True
     """The classifier gets the vertebra's mask as a last channel."""
+    crop_flip_average: bool = False
+    """Classify each crop and its left-right mirror and average the two (probabilities and
+    slice scores). The classifier learned on randomly mirrored crops; the average is a
+    second look at every vertebra for the price of one more classifier call."""
 
     @property
     def frac_channels(self) -> int:

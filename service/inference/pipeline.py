@@ -17,8 +17,9 @@ Stages (each timed into ``Findings.stage_durations``, seconds):
 ``classification``
     For every vertebra in view, :func:`service.inference.crops.vertebra_stack` samples the
     classifier input; ``frac.onnx`` gives the vertebra's fracture probability and a score per
-    sampled slice, interpolated onto every slice of the vertebra's z range (key images are
-    the highest-scoring ones).
+    sampled slice (averaged with its left-right mirror's where ``crop_flip_average``),
+    interpolated onto every slice of the vertebra's z range (key images are the
+    highest-scoring ones).
 
 All indices in the findings are into the sorted ``Volume`` array (z, y, x). No torch here.
 """
@@ -307,6 +308,9 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
     for start in range(0, len(stacks), FRAC_BATCH):
         batch = np.stack(stacks[start:start + FRAC_BATCH])
         p, s = runtime.frac.run(batch)
+        if pre.crop_flip_average:
+            mirrored_p, mirrored_s = runtime.frac.run(np.ascontiguousarray(batch[..., ::-1]))
+            p, s = (p + mirrored_p) / 2, (s + mirrored_s) / 2
         probs[start:start + len(batch)] = p.reshape(-1)
         slice_scores[start:start + len(batch)] = s
     durations["classification"] = time.perf_counter() - started

@@ -22,7 +22,7 @@ from service.inference.pipeline import (
     run_pipeline,
     segment_volume,
 )
-from service.inference.runtime import CPU, load_runtime
+from service.inference.runtime import CPU, ModelRuntime, load_runtime
 from service.synthetic import (
     FractureSpec,
     FractureType,
@@ -186,6 +186,46 @@ def test_shipped_model_finds_a_displaced_body_fracture(shipped_findings: Finding
     others = [v.probability for v in findings.vertebrae
               if v.vertebra != "C5" and v.probability is not None]
     assert c5.probability is not None and c5.probability > max(others)
+
+
+class _RecordingStage:
+    """The real classifier session, keeping a copy of every input it is given."""
+
+    def __init__(self, stage: object) -> None:
+        self.stage = stage
+        self.inputs: list[np.ndarray] = []
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        self.inputs.append(x.copy())
+        return self.stage.run(x)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_flip_average_scores_each_crop_and_its_mirror(
+        fractured_series: tuple[Path, object],
+        runtime_and_settings: tuple[object, Settings]) -> None:
+    directory, _ = fractured_series
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(directory.glob("*.dcm")))
+    manifest = runtime.manifest  # type: ignore[attr-defined]
+    findings = {}
+    recorders = {}
+    for flip in (False, True):
+        pre = manifest.preprocessing.model_copy(update={"crop_flip_average": flip})
+        recorders[flip] = _RecordingStage(runtime.frac)  # type: ignore[attr-defined]
+        variant = ModelRuntime(model_dir=MODEL_DIR,
+                               manifest=manifest.model_copy(update={"preprocessing": pre}),
+                               seg=runtime.seg,  # type: ignore[attr-defined]
+                               frac=recorders[flip])  # type: ignore[arg-type]
+        findings[flip] = run_pipeline(volume, variant, settings)
+    plain, mirrored = recorders[False].inputs, recorders[True].inputs
+    assert len(mirrored) == 2 * len(plain)
+    np.testing.assert_array_equal(mirrored[0], plain[0])
+    np.testing.assert_array_equal(mirrored[1], plain[0][..., ::-1])
+    mirror_p = runtime.frac.run(np.ascontiguousarray(plain[0][..., ::-1]))[0]  # type: ignore[attr-defined]
+    plain_p = [v.probability for v in findings[False].vertebrae if v.in_view]
+    averaged = [v.probability for v in findings[True].vertebrae if v.in_view]
+    np.testing.assert_allclose(averaged, (np.array(plain_p) + mirror_p.reshape(-1)) / 2,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_threshold_overrides_from_settings(fractured_series: tuple[Path, object],
