@@ -18,6 +18,7 @@ import logging
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,8 @@ def summarize(results: Sequence[StudyResult], *, patient_threshold: float,
     dice["mean"] = metrics.bootstrap_interval(np.array(all_dice, dtype=float)).as_dict()
     summary["segmentation_dice"] = dice
     summary["mimics"] = _mimic_false_positives(done)
+    summary["warnings"] = dict(sorted(Counter(w for r in done for w in set(r.warnings))
+                                      .items()))
     stages = sorted({k for r in done for k in r.durations})
     summary["stage_seconds_median"] = {k: _median([r.durations[k] for r in done
                                                    if k in r.durations]) for k in stages}
@@ -271,6 +274,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if clean:
         lines.append(f"| (no mimic) | {clean['studies']} | {clean['patient_false_positives']}/"
                      f"{clean['studies']} | |")
+    if summary.get("warnings"):
+        lines += ["", "## Warnings (studies)", ""]
+        lines += [f"- {code}: {count}" for code, count in summary["warnings"].items()]
     lines += ["", "## Time per study (median, seconds)", ""]
     for stage, seconds in summary["stage_seconds_median"].items():
         lines.append(f"- {stage}: {seconds:.3f}")
@@ -338,13 +344,15 @@ def write_report(summary: dict[str, Any], results: Sequence[StudyResult], out: P
         writer = csv.writer(handle)
         writer.writerow(["StudyInstanceUID", "error", "patient_label", "patient_probability",
                          "patient_suspected", *[f"{v}_label" for v in VERTEBRAE],
-                         *[f"{v}_probability" for v in VERTEBRAE], "mimics", "seconds"])
+                         *[f"{v}_probability" for v in VERTEBRAE], "mimics", "warnings",
+                         "seconds"])
         for r in results:
             labels = r.labels if r.labels is not None else np.full(8, np.nan)
             writer.writerow([r.uid, r.error or "", _num(labels[0]), f"{r.probabilities[0]:.5f}",
                              int(r.patient_suspected), *[_num(v) for v in labels[1:]],
                              *[f"{v:.5f}" for v in r.probabilities[1:]],
                              ";".join(f"{t}:{lv or ''}" for t, lv in r.mimics),
+                             ";".join(r.warnings),
                              f"{sum(r.durations.values()):.3f}"])
     return paths
 

@@ -14,7 +14,7 @@ from service.evaluation.report import StudyResult, choose_thresholds, summarize,
 
 def _result(uid: str, labels: list[int], probs: list[float], threshold: float = 0.5,
             mimics: list[tuple[str, str | None]] | None = None,
-            error: str | None = None) -> StudyResult:
+            error: str | None = None, warnings: list[str] | None = None) -> StudyResult:
     p = np.array(probs, dtype=float)
     return StudyResult(
         uid=uid, labels=np.array(labels, dtype=float), probabilities=p,
@@ -22,7 +22,7 @@ def _result(uid: str, labels: list[int], probs: list[float], threshold: float = 
         patient_suspected=bool(p[0] >= threshold),
         dice={"C1": 0.9, "C2": 0.8, "C3": None, "C4": 0.85, "C5": 0.8, "C6": 0.75, "C7": 0.7},
         durations={"load": 1.0, "preprocess": 0.5, "segmentation": 1.0, "classification": 0.2},
-        mimics=mimics or [], error=error)
+        mimics=mimics or [], error=error, warnings=warnings or [])
 
 
 @pytest.fixture
@@ -39,9 +39,11 @@ def results() -> list[StudyResult]:
         _result("4", [0, 0, 0, 0, 0, 0, 0, 0], [0.2, 0.1, 0.1, 0.1, 0.1, 0.2, 0.1, 0.1],
                 mimics=[("nutrient_foramen", "C5"), ("shoulder_streak", None)]),
         # plain negative
-        _result("5", [0, 0, 0, 0, 0, 0, 0, 0], [0.1] * 8),
+        _result("5", [0, 0, 0, 0, 0, 0, 0, 0], [0.1] * 8,
+                warnings=["LEVELS_OUT_OF_ORDER", "PARTIAL_VERTEBRA:C7"]),
         # could not be loaded
-        _result("6", [1, 1, 0, 0, 0, 0, 0, 0], [0.0] * 8, error="MISSING_SLICES: gap"),
+        _result("6", [1, 1, 0, 0, 0, 0, 0, 0], [0.0] * 8, error="MISSING_SLICES: gap",
+                warnings=["LEVELS_OUT_OF_ORDER"]),
     ]
     return rows
 
@@ -68,6 +70,8 @@ def test_summary_counts_and_metrics(results: list[StudyResult]) -> None:
     assert s["mimics"]["_no_mimic_negative_studies"] == {"studies": 1,
                                                          "patient_false_positives": 0}
     assert s["stage_seconds_median"]["load"] == 1.0
+    # Per processed study (study 6 was not processed).
+    assert s["warnings"] == {"LEVELS_OUT_OF_ORDER": 1, "PARTIAL_VERTEBRA:C7": 1}
     assert s["total_seconds_median"] == pytest.approx(2.7)
 
 
@@ -82,6 +86,8 @@ def test_written_report(results: list[StudyResult], tmp_path: Path) -> None:
         assert img.size == (640, 640)
     rows = (tmp_path / "out" / "studies.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("StudyInstanceUID")
+    assert rows[5].split(",")[-2] == "LEVELS_OUT_OF_ORDER;PARTIAL_VERTEBRA:C7"
+    assert "- LEVELS_OUT_OF_ORDER: 1" in md
     assert len(paths) == 4
 
 
