@@ -177,12 +177,21 @@ def test_the_pipeline_runs_on_a_real_scanners_series(
                    reason="the shipped classifier separates fractured from intact vertebrae "
                           "only weakly (validation patient AUC below 0.9 in manifest.json; "
                           "see MODEL_CARD.md)")
-def test_shipped_model_finds_a_displaced_body_fracture(shipped_findings: Findings) -> None:
+def test_shipped_model_flags_a_displaced_body_fracture(shipped_findings: Findings) -> None:
     findings = shipped_findings
     c5 = findings.vertebrae[VERTEBRAE.index("C5")]
     assert c5.suspected and findings.patient_suspected
+
+
+@pytest.mark.xfail(strict=True,
+                   reason="cspine-v1 1.3.0 scores C7 (0.94) above the fractured C5 (0.62) "
+                          "on this phantom: a false positive at its weakest level (see "
+                          "MODEL_CARD.md, per-vertebra AUC)")
+def test_shipped_model_localizes_a_displaced_body_fracture(shipped_findings: Findings) -> None:
     # Found means localized: the fractured level scores highest, not merely above a
-    # sensitivity-first threshold that flags most levels.
+    # sensitivity-first threshold that flags several levels.
+    findings = shipped_findings
+    c5 = findings.vertebrae[VERTEBRAE.index("C5")]
     others = [v.probability for v in findings.vertebrae
               if v.vertebra != "C5" and v.probability is not None]
     assert c5.probability is not None and c5.probability > max(others)
