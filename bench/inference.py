@@ -38,7 +38,7 @@ import numpy as np
 from service.config import Settings
 from service.imaging.volume import load_volume
 from service.inference.crops import vertebra_box, vertebra_stack
-from service.inference.pipeline import run_pipeline, segmentation_input
+from service.inference.pipeline import run_pipeline, segment_volume, segmentation_input
 from service.inference.runtime import ModelRuntime, load_runtime
 
 TARGET_S = 30.0
@@ -88,30 +88,15 @@ def end_to_end(paths: list[Path], runtime: ModelRuntime, settings: Settings, rep
 
 
 def model_inputs(paths: list[Path], runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray]:
-    """The segmentation input and the classifier batch the pipeline builds for this series."""
+    """The segmentation input (first pass) and the classifier batch the pipeline builds."""
     volume = load_volume(paths)
     pre = runtime.manifest.preprocessing
-    image, grid = segmentation_input(volume.hu, volume.spacing, pre)
-    from service.imaging.preprocess import resample_to_original
-    from service.inference.pipeline import clean_labels
-
-    probs = runtime.seg.run(image)[0][0]
-    z, y, x = grid.shape
-    coarse = clean_labels(np.argmax(probs[:, :z, :y, :x], axis=0).astype(np.uint8),
-                          len(pre.seg_classes))
-    coarse[coarse > 7] = 0
-    labels = resample_to_original(coarse, grid.spacing, volume.spacing, volume.shape, order=0)
+    image, _ = segmentation_input(volume.hu, volume.spacing, pre)
+    segmentation = segment_volume(volume.hu, volume.spacing, runtime.seg, pre)
     spec = pre.stack_spec()
-    from scipy import ndimage
-
-    stacks = []
-    for i, obj in enumerate(ndimage.find_objects(coarse, max_label=7)):
-        if obj is None:
-            continue
-        box = grid.source_box((obj[0].start, obj[1].start, obj[2].start, obj[0].stop,
-                               obj[1].stop, obj[2].stop))
-        stacks.append(vertebra_stack(volume.hu, labels, i + 1,
-                                     vertebra_box(box, volume.spacing, spec), spec)[0])
+    stacks = [vertebra_stack(volume.hu, segmentation.label_map, label,
+                             vertebra_box(bbox, volume.spacing, spec), spec)[0]
+              for label, bbox in segmentation.in_view]
     return image, np.stack(stacks)
 
 
