@@ -50,8 +50,9 @@ class CaseWriter:
     """Prepares one case into the cache, with the served segmentation when the crops need it."""
 
     def __init__(self, *, jitters: int, crops: str = "gt", model_dir: Path | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, compress: bool = True) -> None:
         self.pre = default_preprocessing()
+        self.compress = compress
         self.jitters = jitters
         self.crops = crops
         self.seg = None
@@ -76,7 +77,8 @@ class CaseWriter:
 
             served = segment_volume(case.hu, case.spacing, self.seg, self.pre)
         save_prepared(target, prepare_case(case, self.pre, jitters=self.jitters, seed=seed,
-                                           served=served, crops=self.crops))
+                                           served=served, crops=self.crops),
+                      compress=self.compress)
 
 
 def prepare_rsna(root: Path, cache: Path, *, writer: CaseWriter, seed: int,
@@ -199,11 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--model-dir", type=Path, default=None,
                        help="model whose segmentation cuts served crops")
         p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads")
+        p.add_argument("--no-compress", action="store_true",
+                       help="store the cache uncompressed (4x the disk, faster to write and load)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started = time.perf_counter()
     writer = CaseWriter(jitters=args.jitters, crops=args.crops, model_dir=args.model_dir,
-                        threads=args.threads)
+                        threads=args.threads, compress=not args.no_compress)
     if args.source == "rsna":
         count = prepare_rsna(args.dataset, args.cache, writer=writer, seed=args.seed,
                              progress=not args.no_progress)
