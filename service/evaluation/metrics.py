@@ -198,8 +198,10 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray,
     """Operating point: the best specificity among thresholds with sensitivity >= target.
 
     Returns (threshold, sensitivity, specificity). Ties in specificity go to the higher
-    threshold. The threshold is placed midway between the chosen score and the next lower
-    distinct score, so it is not sitting exactly on a validation case.
+    sensitivity (the lower threshold): lowering the threshold past positives alone costs no
+    specificity, and the higher threshold would be a dominated operating point. The
+    threshold is placed midway between the chosen score and the next lower distinct score,
+    so it is not sitting exactly on a validation case.
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=float)
@@ -211,7 +213,8 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray,
         predicted = s >= t
         sens = float((predicted & y).sum() / y.sum())
         spec = float((~predicted & ~y).sum() / (~y).sum())
-        if sens >= min_sensitivity and (best is None or spec > best[2]):
+        if sens >= min_sensitivity and (best is None or spec > best[2]
+                                        or (spec == best[2] and sens > best[1])):
             lower = distinct[i + 1] if i + 1 < len(distinct) else 0.0
             best = (float((t + lower) / 2.0), sens, spec)
     assert best is not None  # the lowest threshold always reaches sensitivity 1

@@ -87,6 +87,16 @@ def test_choose_threshold_meets_sensitivity_with_best_specificity() -> None:
         metrics.choose_threshold(np.ones(4), np.arange(4.0))
 
 
+def test_choose_threshold_takes_the_higher_sensitivity_at_equal_specificity() -> None:
+    # Thresholds at 0.9 (sensitivity 2/4) and at 0.8 (3/4) both meet the target 0.5 at
+    # specificity 1.0 (the top negative is 0.7); the rule takes 0.8's higher sensitivity.
+    y = np.array([1, 1, 1, 1, 0, 0, 0])
+    s = np.array([0.95, 0.9, 0.8, 0.1, 0.7, 0.6, 0.5])
+    t, sens, spec = metrics.choose_threshold(y, s, min_sensitivity=0.5)
+    assert spec == 1.0 and sens == 0.75
+    assert 0.7 < t < 0.8  # midway between the last positive taken and the top negative
+
+
 def test_rsna_weighted_log_loss_definition() -> None:
     y = np.array([[1, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]], dtype=float)
     p = np.full((2, 8), 0.5)
