@@ -189,9 +189,10 @@ def fracture_mask(case: Case, label: int, box: Box, spec: StackSpec) -> np.ndarr
     return out
 
 
-CROP_SOURCES = ("gt", "served", "both")
+CROP_SOURCES = ("gt", "served", "both", "none")
 """Which label map the classifier crops are cut with: the ground truth, the segmentation
-model's own output (what the classifier is served at runtime), or both."""
+model's own output (what the classifier is served at runtime), or both; "none" cuts no
+crops (a cache for ``models.train --stages seg`` only: a fifth of the preparation time)."""
 
 
 def _gt_crop_sources(case: Case, pre: Preprocessing) -> list[tuple[int, int, Box, np.ndarray]]:
@@ -244,7 +245,7 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int,
         raise ValueError(f"study {case.uid} has no segmentation; it cannot train the model")
     if crops not in CROP_SOURCES:
         raise ValueError(f"crops must be one of {CROP_SOURCES}, not {crops!r}")
-    if crops != "gt" and served is None:
+    if crops in ("served", "both") and served is None:
         raise ValueError(f"crops={crops!r} needs the served segmentation")
     rng = np.random.default_rng(seed)
     image, grid = segmentation_input(case.hu, case.spacing, pre)

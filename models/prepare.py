@@ -56,7 +56,7 @@ class CaseWriter:
         self.jitters = jitters
         self.crops = crops
         self.seg = None
-        if crops != "gt":
+        if crops in ("served", "both"):
             if model_dir is None:
                 raise ValueError(f"--crops {crops} needs --model-dir (the segmentation to serve)")
             from service.config import Settings

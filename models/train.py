@@ -212,23 +212,44 @@ def augment_stacks(stacks: torch.Tensor, scale: torch.Tensor,
 # --------------------------------------------------------------------------- losses
 
 
-def seg_loss(raw: torch.Tensor, labels: torch.Tensor, config: SegConfig) -> torch.Tensor:
+JUNCTION_LABELS = (7, 8)
+"""C7 and thoracic: the cervicothoracic junction, where the level is hardest to count."""
+
+
+def seg_loss(raw: torch.Tensor, labels: torch.Tensor, config: SegConfig,
+             junction_weight: float = 1.0) -> torch.Tensor:
     """The loss of either head (see :class:`models.arch.SegConfig`)."""
     if config.head == "ordinal":
-        return ordinal_seg_loss(raw, labels)
+        return ordinal_seg_loss(raw, labels, junction_weight)
     return softmax_seg_loss(raw, labels)
 
 
-def ordinal_seg_loss(raw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Vertebra mask (BCE + soft Dice) plus smooth-L1 on the level inside the true mask."""
+def ordinal_seg_loss(raw: torch.Tensor, labels: torch.Tensor,
+                     junction_weight: float = 1.0) -> torch.Tensor:
+    """Vertebra mask (BCE + soft Dice) plus smooth-L1 on the level inside the true mask.
+
+    ``junction_weight`` counts C7 and thoracic voxels that many times in the level term.
+    The net's costly error is C7 read as T1 (a C7 mask cut in half; the classifier then
+    sees a cut bone edge and flags a fracture), and those voxels are a small share of a
+    patch, so an unweighted mean barely sees it.
+    """
     fg_target = (labels > 0).float()
     fg_logit = raw[:, 0].float()
     bce = F.binary_cross_entropy_with_logits(fg_logit, fg_target)
     fg = torch.sigmoid(fg_logit)
     dice = 1 - (2 * (fg * fg_target).sum() + 1.0) / (fg.sum() + fg_target.sum() + 1.0)
     inside = labels > 0
-    level = F.smooth_l1_loss(raw[:, 1].float()[inside], labels[inside].float()) \
-        if inside.any() else torch.zeros((), device=raw.device)
+    if not inside.any():
+        return bce + dice
+    target = labels[inside]
+    errors = F.smooth_l1_loss(raw[:, 1].float()[inside], target.float(), reduction="none")
+    weights = torch.ones_like(errors)
+    if junction_weight != 1.0:
+        junction = torch.zeros_like(target, dtype=torch.bool)
+        for value in JUNCTION_LABELS:
+            junction |= target == value
+        weights = torch.where(junction, torch.full_like(errors, junction_weight), weights)
+    level = (errors * weights).sum() / weights.sum()
     return bce + dice + level
 
 
@@ -292,6 +313,10 @@ def evaluate_seg(net: SegUNet3D, studies: Sequence[Study], device: torch.device,
     per = {f"dice_{c}": float(np.mean(v)) for c, v in dices.items() if v}
     per["dice_mean_c1_c7"] = float(np.mean([per[f"dice_{c}"] for c in range(1, 8)
                                             if f"dice_{c}" in per]))
+    if dices[7]:
+        # The failure that costs specificity is per study (a C7 half read as T1), which a
+        # mean over studies hides.
+        per["c7_dice_below_half"] = float(np.mean(np.array(dices[7]) < 0.5))
     net.train()
     return per
 
@@ -388,6 +413,8 @@ class TrainOptions:
     """Same for the classifier stage."""
     seg_val_studies: int = 12
     """Validation volumes scored per segmentation evaluation (whole volumes are slow on CPU)."""
+    seg_junction_weight: float = 1.0
+    """Weight of C7 and thoracic voxels in the level loss (:func:`ordinal_seg_loss`)."""
     pre: Preprocessing = field(default_factory=default_preprocessing)
     """What the segmentation validation serves (``models.config``, written into the manifest)."""
     init_seg: Path | None = None
@@ -420,7 +447,8 @@ def train_seg(train: Sequence[Study], val: Sequence[Study], opts: TrainOptions,
             group["lr"] = _cosine(progress, step, opts.lr)
         x, y = seg_batch(train, rng, opts.seg_batch, opts.seg_patch)
         with _autocast(device, opts.amp):
-            loss = seg_loss(net(x.to(device)), y.to(device), opts.seg_config)
+            loss = seg_loss(net(x.to(device)), y.to(device), opts.seg_config,
+                            opts.seg_junction_weight)
         optim.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optim)
@@ -580,6 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="time budget of the classifier stage")
     parser.add_argument("--seg-patch", default="72,64,64",
                         help="segmentation training patch z,y,x (voxels of the coarse grid)")
+    parser.add_argument("--seg-val-studies", type=int, default=12,
+                        help="validation volumes scored at each segmentation evaluation")
+    parser.add_argument("--seg-junction-weight", type=float, default=1.0,
+                        help="weight of C7 and thoracic voxels in the level loss")
     parser.add_argument("--no-pixel-head", action="store_true",
                         help="classifier without the fracture-map head (vertebra and slice "
                              "labels only; for studies without fracture boxes)")
@@ -613,7 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         frac_config=FracConfig(in_channels=pre.frac_channels, pixel_head=not args.no_pixel_head),
         seg_budget_s=args.seg_minutes * 60 if args.seg_minutes else None,
         frac_budget_s=args.frac_minutes * 60 if args.frac_minutes else None,
-        init_seg=args.init_seg, init_frac=args.init_frac, pre=pre)
+        init_seg=args.init_seg, init_frac=args.init_frac, pre=pre,
+        seg_val_studies=args.seg_val_studies, seg_junction_weight=args.seg_junction_weight)
     history = train(train_studies, val_studies, opts, stages=args.stages.split(","))
     logger.info("done in %.0f s; history in %s", history["seconds"], args.out / "history.json")
     return 0

@@ -79,6 +79,16 @@ def test_both_keeps_ground_truth_and_served_crops(c5_case: Case) -> None:
     np.testing.assert_array_equal(both["stacks"][:len(gt["stacks"])], gt["stacks"])
 
 
+def test_no_crops_keeps_the_segmentation_arrays_only(c5_case: Case) -> None:
+    pre = default_preprocessing(crop_size=32, crop_slices=8)
+    gt = prepare_case(c5_case, pre, jitters=1, seed=1)
+    none = prepare_case(c5_case, pre, jitters=1, seed=1, crops="none")
+    assert len(gt["stacks"]) > 0 and len(none["stacks"]) == 0
+    assert none["stacks"].shape[1:] == gt["stacks"].shape[1:]
+    np.testing.assert_array_equal(none["seg_labels"], gt["seg_labels"])
+    np.testing.assert_array_equal(none["seg_image"], gt["seg_image"])
+
+
 def test_served_crops_need_a_segmentation(c5_case: Case) -> None:
     pre = default_preprocessing(crop_size=32, crop_slices=8)
     with pytest.raises(ValueError, match="served segmentation"):
