@@ -243,12 +243,8 @@ def ordinal_seg_loss(raw: torch.Tensor, labels: torch.Tensor,
         return bce + dice
     target = labels[inside]
     errors = F.smooth_l1_loss(raw[:, 1].float()[inside], target.float(), reduction="none")
-    weights = torch.ones_like(errors)
-    if junction_weight != 1.0:
-        junction = torch.zeros_like(target, dtype=torch.bool)
-        for value in JUNCTION_LABELS:
-            junction |= target == value
-        weights = torch.where(junction, torch.full_like(errors, junction_weight), weights)
+    junction = torch.isin(target, torch.tensor(JUNCTION_LABELS, device=target.device))
+    weights = torch.where(junction, junction_weight, 1.0).to(errors.dtype)
     level = (errors * weights).sum() / weights.sum()
     return bce + dice + level
 
