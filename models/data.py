@@ -194,6 +194,9 @@ CROP_SOURCES = ("gt", "served", "both", "none")
 model's own output (what the classifier is served at runtime), or both; "none" cuts no
 crops (a cache for ``models.train --stages seg`` only: a fifth of the preparation time)."""
 
+NEEDS_SERVED = ("served", "both")
+"""Crop sources that need the segmentation model's output on the case."""
+
 
 def _gt_crop_sources(case: Case, pre: Preprocessing) -> list[tuple[int, int, Box, np.ndarray]]:
     """(mask label, target label, bbox, label map) per ground-truth level large enough."""
@@ -245,7 +248,7 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int,
         raise ValueError(f"study {case.uid} has no segmentation; it cannot train the model")
     if crops not in CROP_SOURCES:
         raise ValueError(f"crops must be one of {CROP_SOURCES}, not {crops!r}")
-    if crops in ("served", "both") and served is None:
+    if crops in NEEDS_SERVED and served is None:
         raise ValueError(f"crops={crops!r} needs the served segmentation")
     rng = np.random.default_rng(seed)
     image, grid = segmentation_input(case.hu, case.spacing, pre)
@@ -257,7 +260,7 @@ def prepare_case(case: Case, pre: Preprocessing, *, jitters: int, seed: int,
     sources = []
     if crops in ("gt", "both"):
         sources += _gt_crop_sources(case, pre)
-    if crops in ("served", "both"):
+    if crops in NEEDS_SERVED:
         assert served is not None
         sources += _served_crop_sources(case, served)
     stacks, labels, targets, s_targets, canonical, masks = [], [], [], [], [], []

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from models.config import default_preprocessing
 from models.data import (
     CROP_SOURCES,
+    NEEDS_SERVED,
     Case,
     case_from_phantom,
     case_from_rsna,
@@ -56,7 +57,7 @@ class CaseWriter:
         self.jitters = jitters
         self.crops = crops
         self.seg = None
-        if crops in ("served", "both"):
+        if crops in NEEDS_SERVED:
             if model_dir is None:
                 raise ValueError(f"--crops {crops} needs --model-dir (the segmentation to serve)")
             from service.config import Settings
