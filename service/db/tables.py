@@ -80,9 +80,22 @@ class Priority(StrEnum):
 
     STAT = "STAT"
     URGENT = "URGENT"
+    INCONCLUSIVE = "INCONCLUSIVE"
+    """Analyzed, but the anatomy the model found failed the plausibility gate: not cleared,
+    not flagged; read with the ordinary list, never mistaken for "no fracture found"."""
     ROUTINE = "ROUTINE"
     NOT_ANALYZED = "NOT_ANALYZED"
     PENDING = "PENDING"
+
+
+class AnalysisResult(StrEnum):
+    """The answer of a DONE analysis: three answers, shown apart everywhere."""
+
+    FRACTURE_SUSPECTED = "FRACTURE_SUSPECTED"
+    NO_FRACTURE_FOUND = "NO_FRACTURE_FOUND"
+    INCONCLUSIVE = "INCONCLUSIVE"
+    """The model ran but the anatomy it found fails the plausibility rules
+    (``service.inference.plausibility``): it neither flags nor clears the study."""
 
 
 class Role(StrEnum):
@@ -199,6 +212,10 @@ class Analysis(Base):
     execution_provider: Mapped[str | None] = mapped_column(String(64))
     patient_probability: Mapped[float | None] = mapped_column(Float)
     suspected: Mapped[bool | None] = mapped_column(Boolean)
+    result: Mapped[AnalysisResult | None] = mapped_column(_enum(AnalysisResult))
+    """Set when DONE: fracture suspected, no fracture found, or INCONCLUSIVE."""
+    plausibility: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """The anatomical gate's report: failed rules (code, level, measured, allowed range)."""
     superseded_by_id: Mapped[int | None] = mapped_column(Integer)
     stage_durations: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """Seconds per stage: load, preprocess, segmentation, classification, results."""
@@ -232,6 +249,9 @@ class Finding(Base):
     in_view: Mapped[bool] = mapped_column(Boolean)
     probability: Mapped[float | None] = mapped_column(Float)
     suspected: Mapped[bool] = mapped_column(Boolean, default=False)
+    plausible: Mapped[bool | None] = mapped_column(Boolean)
+    """Whether the level passed the anatomical gate (None: not in view)."""
+    plausibility_reasons: Mapped[list[Any] | None] = mapped_column(JSON)
     slice_start: Mapped[int | None] = mapped_column(Integer)
     slice_end: Mapped[int | None] = mapped_column(Integer)
     bbox: Mapped[list[Any] | None] = mapped_column(JSON)

@@ -12,7 +12,32 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from service.db.tables import AnalysisState, Priority, SeriesState
+from service.db.tables import AnalysisResult, AnalysisState, Priority, SeriesState
+
+
+class PlausibilityFailure(BaseModel):
+    """One failed rule of the anatomical plausibility gate (``service.inference.plausibility``)."""
+
+    code: str
+    """Stable reason code, e.g. ``LEVELS_OUT_OF_ORDER`` or ``LEVEL_EXTENT_OUT_OF_RANGE``."""
+    level: str | None = None
+    """The level it concerns (``C5``), or None for a rule about the whole column."""
+    measured: float | None = None
+    allowed: list[float | None] | None = None
+    """[low, high] of the allowed range (either may be None), in the rule's unit."""
+    unit: str | None = None
+    detail: str = ""
+
+
+class LevelResult(BaseModel):
+    vertebra: str
+    in_view: bool
+    probability: float | None
+    suspected: bool
+    """Only a level that passed the gate in an in-order column is ever suspected."""
+    plausible: bool | None
+    """Whether the level passed the gate (None: not in view)."""
+    reasons: list[str] = Field(default_factory=list)
 
 
 class AnalysisSummary(BaseModel):
@@ -26,6 +51,12 @@ class AnalysisSummary(BaseModel):
     """Image-QC and model warnings of a finished analysis (``GANTRY_TILT_RESAMPLED``,
     ``PARTIAL_VERTEBRA:C7``, ``LEVELS_OUT_OF_ORDER``, ...): why its findings deserve a
     closer look."""
+    result: AnalysisResult | None = None
+    """DONE only: FRACTURE_SUSPECTED, NO_FRACTURE_FOUND or INCONCLUSIVE (not cleared)."""
+    failed_rules: list[PlausibilityFailure] = Field(default_factory=list)
+    """The anatomical rules the segmentation failed: why a result is INCONCLUSIVE."""
+    levels: list[LevelResult] = Field(default_factory=list)
+    patient_probability: float | None = None
     attempts: int
     superseded_by_id: int | None
     created_at: datetime

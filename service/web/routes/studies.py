@@ -17,6 +17,8 @@ from service.db.tables import Analysis, Instance, Series, SeriesState, Study
 from service.web.deps import SessionDep
 from service.web.schemas import (
     AnalysisSummary,
+    LevelResult,
+    PlausibilityFailure,
     SeriesDetail,
     SeriesSummary,
     StudyList,
@@ -97,6 +99,19 @@ def _parse_detail(raw: str | None) -> tuple[str | None, dict[str, Any]]:
     return data.get("detail"), metrics if isinstance(metrics, dict) else {}
 
 
+def _failed_rules(analysis: Analysis) -> list[PlausibilityFailure]:
+    report = analysis.plausibility or {}
+    return [PlausibilityFailure(**f) for f in report.get("failures", [])
+            if isinstance(f, dict)]
+
+
+def _levels(analysis: Analysis) -> list[LevelResult]:
+    return [LevelResult(vertebra=f.vertebra, in_view=f.in_view, probability=f.probability,
+                        suspected=f.suspected, plausible=f.plausible,
+                        reasons=[str(r) for r in f.plausibility_reasons or []])
+            for f in sorted(analysis.findings, key=lambda f: f.vertebra)]
+
+
 def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | None:
     row = session.execute(
         select(Series, Study.study_instance_uid, Study.selected_series_id)
@@ -128,7 +143,9 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
         analyses=[AnalysisSummary(
             id=a.id, state=a.state, model_version=a.model_version,
             input_fingerprint=a.input_fingerprint, reason_code=a.reason_code,
-            warnings=[str(w) for w in a.warnings or []], attempts=a.attempts,
+            warnings=[str(w) for w in a.warnings or []], result=a.result,
+            failed_rules=_failed_rules(a), levels=_levels(a),
+            patient_probability=a.patient_probability, attempts=a.attempts,
             superseded_by_id=a.superseded_by_id, created_at=a.created_at,
             queued_at=a.queued_at, started_at=a.started_at, finished_at=a.finished_at)
             for a in analyses],
