@@ -353,3 +353,65 @@ class User(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None]
+
+
+class ApiToken(Base):
+    """A bearer token for a machine client, acting as its user (``triage token create``).
+
+    Only the SHA-256 of the token is stored; the token itself is shown once. A revoked or
+    expired token, or one whose user is disabled, authenticates nobody.
+    """
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id", ondelete="CASCADE"),
+                                         index=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    """The token's first characters, to tell tokens apart in listings (not a secret)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class FeedbackVerdict(StrEnum):
+    AGREE = "AGREE"
+    DISAGREE = "DISAGREE"
+    MISSED = "MISSED"
+    """A fracture the model did not report (per vertebra: on that level)."""
+
+
+class Feedback(Base):
+    """A radiologist's verdict on an analysis: per vertebra, or on the whole study."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    analysis_id: Mapped[int | None] = mapped_column(
+        ForeignKey("analysis.id", ondelete="SET NULL"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("app_user.id", ondelete="SET NULL"))
+    username: Mapped[str] = mapped_column(String(64))
+    vertebra: Mapped[str | None] = mapped_column(String(8))
+    """``C1``..``C7``, or None for feedback on the study as a whole."""
+    verdict: Mapped[FeedbackVerdict] = mapped_column(_enum(FeedbackVerdict))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StudyReview(Base):
+    """Reading state of a study on the worklist: acknowledged (flag seen), then read."""
+
+    __tablename__ = "study_review"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"),
+                                          unique=True)
+    acknowledged_at: Mapped[datetime | None]
+    acknowledged_by: Mapped[str | None] = mapped_column(String(64))
+    read_at: Mapped[datetime | None]
+    read_by: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
