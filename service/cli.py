@@ -218,6 +218,7 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParse
     dicom_cli.register,
     evaluation_cli.register,
     synthetic_cli.register,
+    __import__("service.web.cli", fromlist=["register"]).register,  # triage user, token
 ]
 
 

@@ -211,6 +211,25 @@ class Settings(BaseSettings):
     audit_syslog_port: int = 514
     log_level: str = "INFO"
 
+    # --- dashboard (login, worklist, study page) --------------------------------------------
+    session_cookie_secure: bool | None = None
+    """Mark the session cookie Secure; ``None``: when the request came over TLS (https)."""
+    login_max_failures: int = Field(default=5, ge=1)
+    """Failed logins of one user within ``login_window_s`` that lock the account."""
+    login_lockout_s: int = Field(default=900, ge=1)
+    """How long a locked account stays locked after its last failed attempt."""
+    login_ip_max_failures: int = Field(default=20, ge=1)
+    """Failed logins from one address within ``login_window_s`` before it is refused (429)."""
+    login_window_s: int = Field(default=900, ge=1)
+    worklist_poll_s: float = Field(default=3.0, gt=0)
+    """How often an open worklist page asks whether anything changed."""
+    viewer_url_template: str | None = None
+    """Deep link into the site's viewer; ``{study_instance_uid}``, ``{series_instance_uid}``
+    and ``{accession_number}`` are substituted (URL-encoded), e.g.
+    ``https://ohif.example/viewer?StudyInstanceUIDs={study_instance_uid}``."""
+    turnaround_band_s: tuple[float, float] = (180.0, 480.0)
+    """The reference band (3-8 minutes) the study page's timeline is shown against."""
+
     @field_validator("allowed_calling_aes", "allowed_networks", "execution_providers",
                      mode="before")
     @classmethod

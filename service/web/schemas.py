@@ -1,8 +1,8 @@
 """Response schemas of ``GET /api/studies`` and ``GET /api/series/{uid}``.
 
 What was received and what became of it, per series. These schemas deliberately carry no
-patient identifiers (name, ID, birth date, accession): until the dashboard adds login they are
-served read-only on the web port. All timestamps are aware UTC.
+patient identifiers (name, ID, birth date, accession): those are on the worklist and the
+study page, whose reads are audited. All timestamps are aware UTC.
 """
 
 from __future__ import annotations

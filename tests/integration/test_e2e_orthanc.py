@@ -28,6 +28,7 @@ from service.web.app import create_app
 from tests.conftest import free_port
 from tests.integration.worker_support import WorkerProcess, shipped_model_dir, worker_env
 from tests.unit.ingest.peers import Orthanc, ScpProcess, wait_until
+from tests.unit.web.helpers import bearer
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +116,7 @@ def test_results_arrive_back_in_the_pacs_and_worklist_is_prioritized(  # type: i
     uids = {orthanc.request("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"]: s
             for s in (fractured, normal)}
     with TestClient(create_app(settings)) as client:
+        client.headers.update(bearer(settings.db_url))
         response = client.get("/api/worklist")
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]

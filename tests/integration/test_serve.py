@@ -35,6 +35,17 @@ def test_serve_starts_everything_and_stops_on_ctrl_c(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.3)
         assert body is not None, "web never answered /healthz"
+        assert body == {"status": "ok"}, "an anonymous caller gets the status alone"
+        # The full report needs an admin or an API token: made with the CLI, as a site would.
+        cli = [sys.executable, "-m", "service.cli"]
+        subprocess.run([*cli, "user", "add", "ops", "--role", "admin", "--password-stdin"],
+                       cwd=tmp_path, env=env, input=b"a long enough password\n", check=True)
+        token = subprocess.run([*cli, "token", "create", "ops"], cwd=tmp_path, env=env,
+                               check=True, capture_output=True).stdout.decode().strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            body = json.loads(r.read())
         assert body["components"]["database"]["status"] == "up"
         assert body["components"]["database"]["dialect"] == "sqlite"
         assert body["components"]["broker"]["status"] == "up"

@@ -1,6 +1,7 @@
 """``GET /api/studies`` and ``GET /api/series/{series_instance_uid}``: what was received.
 
-Thin routes over two query functions that build the response schemas (never rows).
+Thin routes over two query functions that build the response schemas (never rows). They
+need a logged-in actor; they show no patient identifier, so their reads are not audited.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.tables import Analysis, Instance, Series, SeriesState, Study
-from service.web.deps import SessionDep
+from service.web.deps import CurrentUser, SessionDep
 from service.web.schemas import (
     AnalysisSummary,
     LevelResult,
@@ -155,6 +156,7 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
 @router.get("/studies", response_model=StudyList)
 async def get_studies(
     session: SessionDep,
+    actor: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     state: Annotated[SeriesState | None,
@@ -165,7 +167,8 @@ async def get_studies(
 
 
 @router.get("/series/{series_instance_uid}", response_model=SeriesDetail)
-async def get_series(series_instance_uid: str, session: SessionDep) -> SeriesDetail:
+async def get_series(series_instance_uid: str, session: SessionDep,
+                     actor: CurrentUser) -> SeriesDetail:
     detail = await run_in_threadpool(series_detail, session, series_instance_uid)
     if detail is None:
         raise HTTPException(status_code=404, detail="no such series")

@@ -12,6 +12,7 @@ from service.web.app import create_app
 from tests.unit.ingest.conftest import IngestEnv, ingest_env  # noqa: F401 - fixture
 from tests.unit.ingest.ctdata import SeriesSpec
 from tests.unit.ingest.test_tracker import FakeBroker
+from tests.unit.web.helpers import bearer
 
 
 def test_studies_and_series_show_states_decisions_and_times(
@@ -29,6 +30,8 @@ def test_studies_and_series_show_states_decisions_and_times(
     Tracker(env.factory, env.settings, env.spool, dispatcher=dispatcher).tick()
 
     with TestClient(create_app(env.settings)) as client:
+        assert client.get("/api/studies").status_code == 401
+        client.headers.update(bearer(env.settings.db_url))
         body = client.get("/api/studies").json()
         assert body["total"] == 2
         by_uid = {item["study_instance_uid"]: item for item in body["items"]}

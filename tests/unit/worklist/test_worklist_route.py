@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, AnalysisState, Finding, Priority, Series, Study
 from service.web.app import create_app
+from tests.unit.web.helpers import bearer
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 
@@ -38,6 +39,8 @@ def test_worklist_orders_by_priority_then_waiting_time(settings_factory,  # type
         _study(session, "1.5", Priority.URGENT, T0 + timedelta(minutes=20))
         session.commit()
     with TestClient(create_app(settings)) as client:
+        assert client.get("/api/worklist").status_code == 401
+        client.headers.update(bearer(migrated_url))
         response = client.get("/api/worklist")
         assert response.status_code == 200, response.text
         body = response.json()
