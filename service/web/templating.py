@@ -20,7 +20,7 @@ def duration(seconds: float | None) -> str:
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{sign}{hours} h {minutes:02d} min"
+        return f"{sign}{hours} h {minutes:02d} min {secs:02d} s"
     if minutes:
         return f"{sign}{minutes} min {secs:02d} s"
     return f"{sign}{secs} s"

@@ -14,7 +14,7 @@
   function fmt(seconds) {
     seconds = Math.max(0, Math.floor(seconds));
     var h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
-    if (h) { return h + " h " + (m < 10 ? "0" : "") + m + " min"; }
+    if (h) { return h + " h " + (m < 10 ? "0" : "") + m + " min " + (s < 10 ? "0" : "") + s + " s"; }
     if (m) { return m + " min " + (s < 10 ? "0" : "") + s + " s"; }
     return s + " s";
   }
