@@ -19,9 +19,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import AuditEvent, Feedback, FeedbackVerdict, Role
+from service.results.store import ResultStore
+from service.results.uids import ObjectKind
 from service.web.app import create_app
 from tests.conftest import free_port
 from tests.unit.web.helpers import PASSWORD, make_user
@@ -39,7 +42,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
 
 
 @pytest.fixture
-def server(tmp_path: Path, settings_factory) -> Iterator[tuple[str, str]]:  # type: ignore[no-untyped-def]
+def server(tmp_path: Path, settings_factory) -> Iterator[tuple[str, str, Settings]]:  # type: ignore[no-untyped-def]
     """The app under uvicorn on a free port, over a migrated SQLite database."""
     import uvicorn
 
@@ -60,7 +63,7 @@ def server(tmp_path: Path, settings_factory) -> Iterator[tuple[str, str]]:  # ty
         time.sleep(0.05)
     assert uv.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{port}", url
+        yield f"http://127.0.0.1:{port}", url, settings
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
@@ -73,16 +76,21 @@ def _shot(page, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-d
         shutil.copyfile(path, DOCS / path.name)
 
 
-def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str],
+def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Settings],
                                                    tmp_path: Path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="playwright (the dev extra) is not installed")
-    base, db_url = server
+    base, db_url, settings = server
     factory = make_session_factory(make_engine(db_url))
     with factory() as session:
         for spec in (NORMAL, INCONCLUSIVE, FRACTURED):
             add_study(session, spec)
     make_user(db_url, "dr.house", Role.RADIOLOGIST)
+    store = ResultStore.from_settings(settings)
+    for kind in (ObjectKind.SR, ObjectKind.SEG):
+        path = store.path_for(FRACTURED.uid + ".1", "1.5.0", kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * 128 + b"DICM" + kind.value.encode())
 
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -148,6 +156,9 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str],
             assert viewer == ("https://viewer.example/viewer?StudyInstanceUIDs="
                               + FRACTURED.uid)
             _shot(page, tmp_path, "study")
+            with page.expect_download() as download:
+                page.click("a:has-text('Download SR')")
+            assert Path(download.value.path()).read_bytes().endswith(b"DICMSR")
 
             row = page.locator("table#levels tr[data-vertebra=C5]")
             row.locator("select[name=verdict]").select_option("DISAGREE")
@@ -161,6 +172,11 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str],
                 "() => document.querySelectorAll('#feedback-list tbody tr').length === 2")
             listing = page.inner_text("#feedback-list")
             assert "nutrient foramen" in listing and "missed" in listing
+
+            page.goto(f"{base}/studies/{INCONCLUSIVE.uid}")
+            banner = page.inner_text("[data-testid=result]")
+            assert "Inconclusive: not cleared" in banner and "LEVEL_EXTENT_OUT_OF_RANGE" in banner
+            _shot(page, tmp_path, "inconclusive")
 
             page.click("button:has-text('Log out')")
             page.wait_for_url("**/login")
@@ -180,5 +196,6 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str],
     assert ("auth.login", "dr.house", "success") in events
     assert ("worklist.view", "dr.house", "success") in events
     assert ("study.view", "dr.house", "success") in events
+    assert ("result.download", "dr.house", "success") in events
     assert ("feedback.create", "dr.house", "success") in events
     assert ("auth.logout", "dr.house", "success") in events
