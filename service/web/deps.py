@@ -11,7 +11,7 @@ authority and needs none.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import Engine
@@ -139,6 +139,18 @@ async def check_csrf(request: Request, actor: OptionalUser, codec: CodecDep) -> 
 
 CsrfChecked = Depends(check_csrf)
 """Use as ``dependencies=[CsrfChecked]`` on every route that changes state."""
+
+
+MAX_OFFSET = 1_000_000
+"""Paging bound: keeps a generated offset inside what every database's integers hold."""
+MAX_ID = 2**31 - 1
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid session or API token"},
+    403: {"description": "Role too low, or the CSRF token missing or wrong"},
+}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such object"}}
+"""OpenAPI ``responses`` for routers behind login, and for routes that look an object up."""
 
 
 def client_ip(request: Request) -> str | None:

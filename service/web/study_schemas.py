@@ -7,9 +7,9 @@ needs a logged-in actor and audits the read.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.db.tables import (
     AnalysisResult,
@@ -75,8 +75,13 @@ class ExportView(BaseModel):
     updated_at: datetime
 
 
+Vertebra = Literal["C1", "C2", "C3", "C4", "C5", "C6", "C7"]
+
+
 class FeedbackIn(BaseModel):
-    vertebra: str | None = Field(default=None, description="C1..C7, or null for the study")
+    model_config = ConfigDict(extra="forbid")
+
+    vertebra: Vertebra | None = Field(default=None, description="C1..C7, or null for the study")
     verdict: FeedbackVerdict
     comment: str | None = Field(default=None, max_length=2000)
 
@@ -128,6 +133,8 @@ class Me(BaseModel):
 
 
 class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str | None = Field(default=None, max_length=128)
 
 

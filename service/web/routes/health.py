@@ -34,7 +34,7 @@ def _health_actor(request: Request) -> Actor | None:
 HealthActor = Annotated[Actor | None, Depends(_health_actor)]
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "A critical dependency is down"}})
 async def healthz(settings: SettingsDep, engine: EngineDep, actor: HealthActor) -> JSONResponse:
     """200 when every dependency is up, 503 otherwise. Anonymous callers get the status word
     only: no versions, host names or exception text."""

@@ -240,7 +240,11 @@ async def study_feedback(
     comment: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
     """The study page's feedback form; back to the page (``#feedback``) when stored."""
-    body = FeedbackIn(vertebra=vertebra or None, verdict=verdict, comment=comment or None)
+    level = vertebra.strip().upper() or None
+    if level is not None and level not in VERTEBRAE:
+        raise HTTPException(status_code=422, detail="vertebra must be one of C1..C7")
+    body = FeedbackIn.model_validate({"vertebra": level, "verdict": verdict,
+                                      "comment": comment or None})
     try:
         await run_in_threadpool(add_feedback, session, study_instance_uid, actor,
                                 client_ip(request), body)

@@ -14,6 +14,9 @@ from sqlalchemy.orm import Session
 from service.db.tables import ApiToken, User
 from service.web import auth
 from service.web.deps import (
+    AUTH_RESPONSES,
+    MAX_ID,
+    NOT_FOUND,
     AdminUser,
     CsrfChecked,
     CurrentUser,
@@ -40,10 +43,10 @@ from service.web.study_view import (
     study_detail,
 )
 
-router = APIRouter(prefix="/api", tags=["reading"])
+router = APIRouter(prefix="/api", tags=["reading"], responses=AUTH_RESPONSES)
 
 
-@router.get("/studies/{study_instance_uid}", response_model=StudyDetail)
+@router.get("/studies/{study_instance_uid}", response_model=StudyDetail, responses=NOT_FOUND)
 async def get_study(study_instance_uid: str, request: Request, session: SessionDep,
                     settings: SettingsDep, actor: CurrentUser) -> StudyDetail:
     try:
@@ -56,7 +59,7 @@ async def get_study(study_instance_uid: str, request: Request, session: SessionD
 
 
 @router.post("/studies/{study_instance_uid}/feedback", response_model=FeedbackView,
-             status_code=201, dependencies=[CsrfChecked])
+             status_code=201, dependencies=[CsrfChecked], responses=NOT_FOUND)
 async def post_feedback(study_instance_uid: str, body: FeedbackIn, request: Request,
                         session: SessionDep, actor: CurrentUser) -> FeedbackView:
     """Agree / disagree / missed on one vertebra (``vertebra``) or the study (null)."""
@@ -70,7 +73,7 @@ async def post_feedback(study_instance_uid: str, body: FeedbackIn, request: Requ
 
 
 @router.get("/studies/{study_instance_uid}/results/{kind}", response_class=FileResponse,
-            responses={200: {"content": {"application/dicom": {}}}})
+            responses={200: {"content": {"application/dicom": {}}}, **NOT_FOUND})
 async def download_result(study_instance_uid: str,
                           kind: Annotated[str, Path(pattern="^(sr|seg)$")],
                           request: Request, session: SessionDep, settings: SettingsDep,
@@ -141,8 +144,9 @@ def _revoke(session: Session, actor: auth.Actor, token_id: int) -> TokenView | N
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenView, tags=["auth"],
-               dependencies=[CsrfChecked])
-async def revoke_token(token_id: int, session: SessionDep, actor: CurrentUser) -> TokenView:
+               dependencies=[CsrfChecked], responses=NOT_FOUND)
+async def revoke_token(token_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep,
+                       actor: CurrentUser) -> TokenView:
     """Revoke one of your tokens (an admin: anyone's). Effective at the next request."""
     view = await run_in_threadpool(_revoke, session, actor, token_id)
     if view is None:

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.tables import Analysis, Instance, Series, SeriesState, Study
-from service.web.deps import CurrentUser, SessionDep
+from service.web.deps import AUTH_RESPONSES, MAX_OFFSET, NOT_FOUND, CurrentUser, SessionDep
 from service.web.schemas import (
     AnalysisSummary,
     LevelResult,
@@ -26,7 +26,7 @@ from service.web.schemas import (
     StudySummary,
 )
 
-router = APIRouter(prefix="/api", tags=["studies"])
+router = APIRouter(prefix="/api", tags=["studies"], responses=AUTH_RESPONSES)
 
 
 def _series_fields(series: Series, selected_id: int | None) -> dict[str, Any]:
@@ -158,7 +158,7 @@ async def get_studies(
     session: SessionDep,
     actor: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     state: Annotated[SeriesState | None,
                      Query(description="Only studies with a series in this state")] = None,
 ) -> StudyList:
@@ -166,7 +166,7 @@ async def get_studies(
                                    state=state)
 
 
-@router.get("/series/{series_instance_uid}", response_model=SeriesDetail)
+@router.get("/series/{series_instance_uid}", response_model=SeriesDetail, responses=NOT_FOUND)
 async def get_series(series_instance_uid: str, session: SessionDep,
                      actor: CurrentUser) -> SeriesDetail:
     detail = await run_in_threadpool(series_detail, session, series_instance_uid)

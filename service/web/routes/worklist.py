@@ -32,7 +32,15 @@ from service.db.tables import (
 )
 from service.db.types import utcnow
 from service.web.auth import Actor
-from service.web.deps import CsrfChecked, CurrentUser, SessionDep, client_ip
+from service.web.deps import (
+    AUTH_RESPONSES,
+    MAX_OFFSET,
+    NOT_FOUND,
+    CsrfChecked,
+    CurrentUser,
+    SessionDep,
+    client_ip,
+)
 from service.web.worklist_schemas import (
     ReadingState,
     VertebraBadge,
@@ -42,7 +50,7 @@ from service.web.worklist_schemas import (
 )
 from service.worklist.priority import PRIORITY_ORDER
 
-router = APIRouter(prefix="/api", tags=["worklist"])
+router = APIRouter(prefix="/api", tags=["worklist"], responses=AUTH_RESPONSES)
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -230,7 +238,7 @@ async def get_worklist(
     actor: CurrentUser,
     priority: Annotated[list[Priority] | None, Query(description="Only these priorities")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     date_from: Annotated[date | None, Query(description="First day (UTC) received")] = None,
     date_to: Annotated[date | None, Query(description="Last day (UTC) received")] = None,
     calling_ae: Annotated[str | None, Query(description="Sending AE title")] = None,
@@ -258,14 +266,16 @@ async def _mark(request: Request, session: Session, actor: Actor, uid: str, *, r
     return {"study_instance_uid": uid, "status": "ok"}
 
 
-@router.post("/studies/{study_instance_uid}/acknowledge", dependencies=[CsrfChecked])
+@router.post("/studies/{study_instance_uid}/acknowledge", dependencies=[CsrfChecked],
+             responses=NOT_FOUND)
 async def acknowledge_study(study_instance_uid: str, request: Request, session: SessionDep,
                             actor: CurrentUser, undo: bool = False) -> dict[str, str]:
     """The flag was seen and someone has the study (``undo=true`` clears it)."""
     return await _mark(request, session, actor, study_instance_uid, read=False, undo=undo)
 
 
-@router.post("/studies/{study_instance_uid}/read", dependencies=[CsrfChecked])
+@router.post("/studies/{study_instance_uid}/read", dependencies=[CsrfChecked],
+             responses=NOT_FOUND)
 async def mark_study_read(study_instance_uid: str, request: Request, session: SessionDep,
                           actor: CurrentUser, undo: bool = False) -> dict[str, str]:
     """The study is reported (``undo=true`` puts it back on the unread list)."""
