@@ -124,6 +124,9 @@ class StudyDetail(BaseModel):
     """Result objects stored for the analysis: ``sr``, ``seg`` (download under the page)."""
     viewer_url: str | None
     feedback: list[FeedbackView]
+    images: list[str] = Field(default_factory=list)
+    """Key image views (``sagittal``, ``coronal``, ``axial-C2``...) the page can show, at
+    ``/studies/{uid}/images/{view}.png``; empty when the series left the spool."""
 
 
 class Me(BaseModel):

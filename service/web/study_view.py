@@ -21,6 +21,7 @@ from service.db.types import utcnow
 from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from service.web.auth import Actor
+from service.web.images import views_for
 from service.web.routes.studies import _failed_rules, _series_fields
 from service.web.schemas import LevelResult, SeriesSummary
 from service.web.study_schemas import (
@@ -222,7 +223,7 @@ def study_detail(session: Session, settings: Settings, study_instance_uid: str) 
         analysis=view,
         turnaround=turnaround(series, analysis, settings.turnaround_band_s) if series else None,
         exports=exports, downloads=downloads, viewer_url=viewer_url(settings, study, series),
-        feedback=feedback)
+        feedback=feedback, images=views_for(session, settings, series))
 
 
 def audit_study_read(session: Session, actor: Actor, source_ip: str | None,
@@ -255,6 +256,12 @@ def add_feedback(session: Session, study_instance_uid: str, actor: Actor,
     return FeedbackView(id=row.id, analysis_id=row.analysis_id, username=row.username,
                         vertebra=row.vertebra, verdict=row.verdict, comment=row.comment,
                         created_at=row.created_at)
+
+
+def study_series(session: Session, study_instance_uid: str) -> Series | None:
+    """The series the study is read from (see :func:`current_analysis`)."""
+    series, _analysis = current_analysis(session, _study(session, study_instance_uid))
+    return series
 
 
 def download_path(session: Session, settings: Settings, study_instance_uid: str,

@@ -28,7 +28,14 @@ from service.results.uids import ObjectKind
 from service.web.app import create_app
 from tests.conftest import free_port
 from tests.unit.web.helpers import PASSWORD, make_user
-from tests.unit.web.seed import FRACTURED, INCONCLUSIVE, NORMAL, WAITING, add_study
+from tests.unit.web.seed import (
+    FRACTURED,
+    INCONCLUSIVE,
+    NORMAL,
+    WAITING,
+    add_imaged_study,
+    add_study,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -85,6 +92,7 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
     with factory() as session:
         for spec in (NORMAL, INCONCLUSIVE, FRACTURED):
             add_study(session, spec)
+        phantom_uid = add_imaged_study(session, settings).study_instance_uid
     make_user(db_url, "dr.house", Role.RADIOLOGIST)
     store = ResultStore.from_settings(settings)
     for kind in (ObjectKind.SR, ObjectKind.SEG):
@@ -111,8 +119,8 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
             assert page.inner_text("[data-testid=user]") == "dr.house"
 
             uids = page.eval_on_selector_all("tr.row", "rows => rows.map(r => r.dataset.uid)")
-            assert uids.index(FRACTURED.uid) < uids.index(INCONCLUSIVE.uid) \
-                < uids.index(NORMAL.uid), uids
+            assert uids.index(FRACTURED.uid) < uids.index(phantom_uid) \
+                < uids.index(INCONCLUSIVE.uid) < uids.index(NORMAL.uid), uids
             fractured_row = page.locator(f"tr.row[data-uid='{FRACTURED.uid}']")
             assert "C2 93 %" in fractured_row.inner_text()
             assert "fracture suspected" in fractured_row.inner_text()
@@ -155,7 +163,6 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
             viewer = page.get_attribute("a:has-text('Open in viewer')", "href")
             assert viewer == ("https://viewer.example/viewer?StudyInstanceUIDs="
                               + FRACTURED.uid)
-            _shot(page, tmp_path, "study")
             with page.expect_download() as download:
                 page.click("a:has-text('Download SR')")
             assert Path(download.value.path()).read_bytes().endswith(b"DICMSR")
@@ -172,6 +179,18 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
                 "() => document.querySelectorAll('#feedback-list tbody tr').length === 2")
             listing = page.inner_text("#feedback-list")
             assert "nutrient foramen" in listing and "missed" in listing
+            _shot(page, tmp_path, "feedback")
+
+            # The phantom study: key images drawn from its series and SEG.
+            page.goto(f"{base}/")
+            page.click(f"tr.row[data-uid='{phantom_uid}'] a.open")
+            page.wait_for_selector("[data-testid=image-axial-C4]")
+            page.wait_for_function(
+                """() => [...document.querySelectorAll('.images img')]
+                        .every(i => i.complete && i.naturalWidth === 420)""")
+            assert page.locator(".images img").count() == 3
+            assert "Fracture suspected: C4" in page.inner_text("[data-testid=result]")
+            _shot(page, tmp_path, "study")
 
             page.goto(f"{base}/studies/{INCONCLUSIVE.uid}")
             banner = page.inner_text("[data-testid=result]")

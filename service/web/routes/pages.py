@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from service.web.deps import (
     SettingsDep,
     client_ip,
 )
+from service.web.images import ImagesUnavailable, image_path
 from service.web.routes.worklist import audit_worklist_read, worklist_page
 from service.web.study_schemas import VERTEBRAE, FeedbackIn
 from service.web.study_view import (
@@ -38,6 +39,7 @@ from service.web.study_view import (
     add_feedback,
     audit_study_read,
     study_detail,
+    study_series,
 )
 from service.web.worklist_schemas import ReadingState
 
@@ -254,3 +256,23 @@ async def study_feedback(
         raise HTTPException(status_code=422, detail=str(exc)) from None
     return RedirectResponse(f"/studies/{study_instance_uid}#feedback", status_code=303)
 
+
+
+def _image(session: Session, settings: Any, uid: str, view: str) -> Any:
+    series = study_series(session, uid)
+    if series is None:
+        raise ImagesUnavailable("no series")
+    return image_path(session, settings, series, view)
+
+
+@router.get("/studies/{study_instance_uid}/images/{view}.png", response_class=FileResponse)
+async def study_image(study_instance_uid: str, view: str, session: SessionDep,
+                      settings: SettingsDep, actor: CurrentUser) -> Response:
+    """A key image of the study (rendered once per analysis, then cached). No identifier is
+    drawn on it; the page that shows it audited the read."""
+    try:
+        path = await run_in_threadpool(_image, session, settings, study_instance_uid, view)
+    except (UnknownStudy, ImagesUnavailable):
+        raise HTTPException(status_code=404, detail="no such image") from None
+    return FileResponse(path, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=300"})

@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import numpy as np
 from sqlalchemy.orm import Session
 
+from service.config import Settings
 from service.db.tables import (
     Analysis,
     AnalysisResult,
@@ -118,3 +120,113 @@ def add_study(session: Session, spec: SeedStudy, *, now: datetime | None = None)
 def seed(session: Session, specs: tuple[SeedStudy, ...] = ALL) -> None:
     for spec in specs:
         add_study(session, spec)
+
+
+def add_imaged_study(session: Session, settings: Settings, *, seed: int = 3,
+                     received_ago: timedelta = timedelta(minutes=2, seconds=40),
+                     calling_ae: str = "CT_SCANNER_1") -> Study:
+    """A synthetic phantom written to the spool as a real CT series, with a SEG of its
+    ground-truth vertebrae in the result store and an analysis whose suspected levels are the
+    phantom's fractured ones: what the study page needs to draw key images, without running
+    the model. Seed 3 at this size has a C4 fracture."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from service.imaging.volume import load_series
+    from service.inference.findings import Findings, VertebraFinding
+    from service.results.common import AlgorithmInfo
+    from service.results.seg import build_segmentation
+    from service.results.store import ResultStore
+    from service.results.uids import ObjectKind
+    from service.synthetic import PhantomOptions, WriterOptions, generate_phantom, write_series
+
+    phantom = generate_phantom(PhantomOptions(seed=seed, matrix=192, pixel_spacing=0.9,
+                                              n_slices=160, slice_spacing=1.25, fractures=1))
+    spool = settings.spool_path
+    paths = write_series(phantom, spool / f"phantom-{seed}", WriterOptions(
+        uid_prefix=settings.uid_root))
+    volume = load_series(paths, settings)
+    labels = np.where(phantom.labels <= len(VERTEBRAE), phantom.labels, 0).astype(np.uint8)
+    if labels.shape != volume.shape:
+        raise AssertionError(f"labels {labels.shape} vs volume {volume.shape}")
+    vertebrae = []
+    for number, name in enumerate(VERTEBRAE, start=1):
+        where = np.argwhere(labels == number)
+        if len(where) == 0:
+            vertebrae.append(VertebraFinding(vertebra=name, in_view=False, probability=None,
+                                             suspected=False))
+            continue
+        (z0, y0, x0), (z1, y1, x1) = where.min(axis=0), where.max(axis=0) + 1
+        fractured = bool(phantom.vertebra_fractured.get(name))
+        probability = 0.88 if fractured else 0.04
+        vertebrae.append(VertebraFinding(
+            vertebra=name, in_view=True, probability=probability, suspected=fractured,
+            slice_range=(int(z0), int(z1) - 1),
+            bbox=(int(z0), int(y0), int(x0), int(z1), int(y1), int(x1)),
+            key_slices=(int((z0 + z1) // 2),), plausible=True))
+    findings = Findings(series_instance_uid=volume.series_instance_uid,
+                        model_name="cspine-v1", model_version="1.5.0", vertebrae=vertebrae,
+                        patient_probability=max(v.probability or 0 for v in vertebrae),
+                        patient_suspected=any(v.suspected for v in vertebrae),
+                        vertebra_threshold=0.5, patient_threshold=0.5, label_map=labels)
+    seg = build_segmentation(volume, findings, uid_root=settings.uid_root,
+                             algorithm=AlgorithmInfo(name="cspine-v1", version="1.5.0",
+                                                     manufacturer="cspine-triage"),
+                             transfer_syntax_uid=ExplicitVRLittleEndian)
+    assert seg is not None
+    ResultStore.from_settings(settings).write(seg.dataset, kind=ObjectKind.SEG,
+                                              source_series_uid=volume.series_instance_uid,
+                                              model_version="1.5.0")
+    header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    t0 = utcnow() - received_ago
+    suspected = any(v.suspected for v in vertebrae)
+    study = Study(study_instance_uid=volume.study_instance_uid,
+                  patient_name=str(header.PatientName), patient_id=str(header.PatientID),
+                  accession_number=str(header.get("AccessionNumber", "")) or None,
+                  study_date=str(header.get("StudyDate", "")) or None,
+                  study_description=str(header.get("StudyDescription", "")) or None,
+                  patient_sex=str(header.get("PatientSex", "")) or None,
+                  priority=Priority.STAT if suspected else Priority.ROUTINE,
+                  priority_reason="fracture suspected (phantom ground truth)" if suspected
+                  else "no fracture found", flagged_at=t0 + timedelta(seconds=21))
+    series = Series(study=study, series_instance_uid=volume.series_instance_uid,
+                    modality="CT", series_number=int(header.get("SeriesNumber", 3)),
+                    series_description=str(header.get("SeriesDescription", "")) or None,
+                    state=SeriesState.DONE, instance_count=len(paths),
+                    acquired_at=t0 - timedelta(seconds=20), first_received_at=t0,
+                    last_received_at=t0 + timedelta(seconds=3),
+                    completed_at=t0 + timedelta(seconds=8), qualified=True)
+    session.add_all([study, series])
+    session.flush()
+    study.selected_series_id = series.id
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        session.add(Instance(series_id=series.id, sop_instance_uid=str(ds.SOPInstanceUID),
+                             sop_class_uid=str(ds.SOPClassUID),
+                             spool_path=str(path.relative_to(spool)),
+                             size_bytes=path.stat().st_size, sha256="0" * 64,
+                             calling_ae=calling_ae, received_at=t0))
+    analysis = Analysis(series_id=series.id, model_version="1.5.0", input_fingerprint="e" * 64,
+                        state=AnalysisState.DONE,
+                        result=(AnalysisResult.FRACTURE_SUSPECTED if suspected
+                                else AnalysisResult.NO_FRACTURE_FOUND),
+                        suspected=suspected, patient_probability=findings.patient_probability,
+                        plausibility={"failures": []}, attempts=1,
+                        queued_at=t0 + timedelta(seconds=9), started_at=t0 + timedelta(seconds=9),
+                        inferred_at=t0 + timedelta(seconds=16),
+                        results_stored_at=t0 + timedelta(seconds=17),
+                        flagged_at=t0 + timedelta(seconds=21),
+                        finished_at=t0 + timedelta(seconds=21))
+    session.add(analysis)
+    session.flush()
+    for v in vertebrae:
+        session.add(Finding(analysis_id=analysis.id, vertebra=v.vertebra, in_view=v.in_view,
+                            probability=v.probability, suspected=v.suspected,
+                            plausible=v.plausible if v.in_view else None,
+                            plausibility_reasons=[], slice_start=v.slice_range[0]
+                            if v.slice_range else None,
+                            slice_end=v.slice_range[1] if v.slice_range else None,
+                            bbox=list(v.bbox) if v.bbox else None,
+                            key_slices=list(v.key_slices)))
+    session.commit()
+    return study

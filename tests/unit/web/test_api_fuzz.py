@@ -37,8 +37,8 @@ def test_api_has_no_server_errors(settings_factory, sqlite_url: str) -> None:  #
                 case.path_parameters = {"token_id": 1000 + abs(
                     int(case.path_parameters.get("token_id") or 0)) % 1000}
             response = case.call(headers=headers)
-            assert response.status_code < 500, (operation.label, response.text[:500])
-            assert response.status_code != 401, (operation.label, "token lost")
+            assert response.status_code < 500, (case.operation.label, response.text[:500])
+            assert response.status_code != 401, (case.operation.label, "token lost")
             case.validate_response(response)
 
         run()

@@ -68,6 +68,9 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("GET", "/worklist/rows"): Call(_exp(401, 200, 200)),
     ("GET", "/studies/{study_instance_uid}"): Call(_exp(303, 200, 200), path=f"/studies/{UID}",
                                                    check=_login_redirect),
+    # The seeded series is not in the spool: no image to draw (test_images draws them).
+    ("GET", "/studies/{study_instance_uid}/images/{view}.png"): Call(
+        _exp(401, 404, 404), path=f"/studies/{UID}/images/sagittal.png"),
     ("POST", "/studies/{study_instance_uid}/feedback"): Call(
         _exp(401, 303, 303), path=f"/studies/{UID}/feedback", form={"verdict": "AGREE"}),
     ("GET", "/api/worklist"): Call(_exp(401, 200, 200)),
