@@ -67,3 +67,56 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="the dataset is real patient data (drops the synthetic caveat)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(handler=cmd_evaluate)
+
+
+def cmd_evaluate_real(args: argparse.Namespace, settings: Settings) -> int:
+    from service.evaluation.levels import load_reference
+    from service.evaluation.real import (
+        default_data_dir,
+        evaluate_real,
+        summarize,
+        write_report,
+    )
+    from service.inference.runtime import load_runtime
+
+    if args.model_dir:
+        settings = settings.model_copy(update={"model_dir": args.model_dir})
+    data_dir = args.data or default_data_dir()
+    if not data_dir.is_dir():
+        print(f"data directory {data_dir} not found (--data DIR)")
+        return 2
+    reference = load_reference(args.reference)
+    runtime = load_runtime(settings)
+    results = evaluate_real(data_dir, settings, reference=reference, runtime=runtime,
+                            centre=args.centre)
+    summary = summarize(results, model=runtime.describe(), data_dir=data_dir,
+                        reference=reference)
+    paths = write_report(summary, args.out)
+    pooled = summary["pooled"]
+    print(json.dumps({"report": [str(p) for p in paths],
+                      "scans": [r.name for r in results],
+                      "counts": pooled["counts"],
+                      "fraction_exact": pooled["fraction_exact"],
+                      "median_centre_error_mm": pooled["median_centre_error_mm"],
+                      "errors": {r.name: r.error for r in results if r.error}}, indent=2))
+    return 0 if all(r.levels is not None for r in results) else 1
+
+
+def register_real(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "evaluate-real",
+        help="the served model on the real scans: level identification against the levels "
+             "read on them (report.json/md)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data directory with one folder per scan (DICOM under ct/); "
+                             "default ../shared/data beside the repository")
+    parser.add_argument("--out", type=Path, required=True, help="report directory")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="model directory (default: settings model_dir)")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="level reference JSON (default: the packaged "
+                             "service/evaluation/real_reference.json)")
+    parser.add_argument("--centre", choices=("body", "mass"), default="body",
+                        help="predicted centre matched to the reference body centres "
+                             "(default: body, the anterior part of each level)")
+    parser.set_defaults(handler=cmd_evaluate_real)
