@@ -322,3 +322,44 @@ def test_figures_draw_a_png(tmp_path: Path) -> None:
     assert views["sagittal"].max() > 300 and views["coronal"].max() > 300
     out = draw_scan(hu, AFFINE, entry, tmp_path / "levels.png", dpi=40)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_scan_scores_a_run_and_records_failures(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from service.config import Settings
+    from service.evaluation import real
+    from service.imaging.qc import QcReason, VolumeError
+    from service.inference import pipeline
+
+    volume = _volume()
+    document = {"reader": "read here", "scans": {volume.series_instance_uid: {
+        "name": "synthetic", "pixel_sha256": lv.pixel_sha256(volume.hu),
+        "levels": _reference()}}}
+
+    def analysed(paths: object, settings: object, runtime: object = None,
+                 ) -> tuple[Volume, Findings]:
+        return volume, _findings(_label_map(list(VERTEBRAE)))
+
+    monkeypatch.setattr(pipeline, "analyze_paths", analysed)
+    result = real.evaluate_scan("synthetic", [tmp_path / "x.dcm"], Settings(), document,
+                                runtime=object())  # type: ignore[arg-type]
+    assert result.error is None and result.levels is not None
+    assert result.levels.counts[lv.EXACT] == 7
+    assert result.patient_probability == pytest.approx(0.1)
+
+    other = _volume(uid="5.6.7")
+    monkeypatch.setattr(pipeline, "analyze_paths",
+                        lambda *a, **k: (other, _findings(None, uid="5.6.7")))
+    result = real.evaluate_scan("other", [], Settings(), document, runtime=object())  # type: ignore[arg-type]
+    assert result.levels is None and "no entry" in (result.error or "")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise VolumeError(QcReason.TOO_FEW_SLICES, "1 slice")
+
+    monkeypatch.setattr(pipeline, "analyze_paths", broken)
+    result = real.evaluate_scan("broken", [], Settings(), document, runtime=object())  # type: ignore[arg-type]
+    assert result.levels is None and "VolumeError" in (result.error or "")
+    summary = real.summarize([result], reference=document)
+    paths = real.write_report(summary, tmp_path / "out")
+    assert [p.name for p in paths] == ["report.json", "report.md"]
+    assert "not scored: VolumeError" in paths[1].read_text()
