@@ -37,12 +37,14 @@ from service.config import Settings, get_settings
 from service.db.session import make_engine, make_session_factory, session_scope
 from service.db.tables import (
     Analysis,
+    AnalysisResult,
     AnalysisState,
     Finding,
     Instance,
     SeriesState,
 )
 from service.db.types import utcnow
+from service.outcomes import failure_codes
 from service.queue import (
     EXPORT_QUEUE,
     TASK_ANALYZE_SERIES,
@@ -212,8 +214,11 @@ def _load_and_infer(ctx: WorkerContext, claim: _Claim) -> tuple[Any, Any, dict[s
     runtime = get_runtime(ctx.settings)
     findings = run_pipeline(volume, runtime, ctx.settings, load_seconds=durations["load"])
     durations.update(findings.stage_durations)
-    # Decided after segmentation: a neck CT with too few cervical vertebrae is not ours.
-    check_cervical_spine(findings.in_view)
+    # Decided after segmentation, before any flag: a field of view with no or too little
+    # cervical spine is outside the service's scope (NOT_ANALYZABLE with its reason), neither
+    # a failure nor a negative.
+    check_cervical_spine(findings.in_view,
+                         skull_base_in_view=findings.anatomy.get("skull_base_mm") is not None)
     return volume, findings, durations
 
 
@@ -245,9 +250,12 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
                 probability=v.probability, suspected=v.suspected,
                 slice_start=v.slice_range[0] if v.slice_range else None,
                 slice_end=v.slice_range[1] if v.slice_range else None,
-                bbox=list(v.bbox) if v.bbox else None, key_slices=list(v.key_slices)))
+                bbox=list(v.bbox) if v.bbox else None, key_slices=list(v.key_slices),
+                plausible=v.plausible, plausibility_reasons=list(v.plausibility_reasons)))
         analysis.patient_probability = float(findings.patient_probability)
-        analysis.suspected = bool(findings.patient_suspected or findings.suspected_vertebrae)
+        analysis.suspected = findings.result is AnalysisResult.FRACTURE_SUSPECTED
+        analysis.result = findings.result
+        analysis.plausibility = findings.anatomy or None
         analysis.execution_provider = findings.execution_provider
         analysis.stage_durations = {k: round(float(s), 4) for k, s in durations.items()}
         analysis.warnings = sorted(set(warnings))
@@ -270,7 +278,9 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
         record(session, "analysis.done", actor=ctx.settings.ae_title,
                study_instance_uid=series.study.study_instance_uid,
                series_instance_uid=series.series_instance_uid,
-               details={"analysis_id": analysis.id, "suspected": findings.suspected_vertebrae,
+               details={"analysis_id": analysis.id, "result": findings.result.value,
+                        "suspected": findings.suspected_vertebrae,
+                        "inconclusive_reasons": findings.inconclusive_reasons,
                         "patient_probability": round(float(findings.patient_probability), 4),
                         "provider": findings.execution_provider,
                         "objects": sorted(str(k.value) for k in stored)})
@@ -354,7 +364,10 @@ def notify_analysis(ctx: WorkerContext, analysis_id: int) -> dict[str, str | Non
             accession_number=study.accession_number, patient_id=study.patient_id,
             patient_name=study.patient_name,
             suspected_vertebrae=sorted(f.vertebra for f in analysis.findings if f.suspected),
-            model_version=analysis.model_version, sr_sop_instance_uid=sr)
+            model_version=analysis.model_version, sr_sop_instance_uid=sr,
+            result=analysis.result.value if analysis.result is not None else None,
+            inconclusive_reasons=failure_codes(analysis.plausibility)
+            if analysis.result is AnalysisResult.INCONCLUSIVE else [])
     outcome = notify(notification, ctx.settings, control_id=f"CSPT{analysis_id}")
     with session_scope(ctx.session_factory) as session:
         for channel, error in outcome.items():

@@ -27,6 +27,8 @@ REAL_CT_DIR = Path(os.environ.get("TEST_REAL_CT_DIR",
                                   SHARED_DATA / "real-ct-head-neck" / "ct"))
 """The real head-and-neck CT (not shipped): next to the checkout, or where TEST_REAL_CT_DIR
 points (a clone elsewhere, e.g. a CI workspace)."""
+REAL_CHEST_CT_DIR = SHARED_DATA / "real-ct-chest-neck" / "ct"
+"""The real chest CT with the lower neck (another scanner; header quirks), not shipped."""
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -124,3 +126,10 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"real CT reference data absent ({REAL_CT_DIR}; set TEST_REAL_CT_DIR)")
     return REAL_CT_DIR
+
+
+@pytest.fixture(scope="session")
+def real_chest_ct_dir() -> Path:
+    if not REAL_CHEST_CT_DIR.is_dir():
+        pytest.skip(f"real chest CT reference data absent ({REAL_CHEST_CT_DIR})")
+    return REAL_CHEST_CT_DIR

@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.db.types import UTCDateTime, utcnow
+from service.outcomes import AnalysisResult as AnalysisResult  # the column type, re-exported
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -86,16 +87,6 @@ class Priority(StrEnum):
     ROUTINE = "ROUTINE"
     NOT_ANALYZED = "NOT_ANALYZED"
     PENDING = "PENDING"
-
-
-class AnalysisResult(StrEnum):
-    """The answer of a DONE analysis: three answers, shown apart everywhere."""
-
-    FRACTURE_SUSPECTED = "FRACTURE_SUSPECTED"
-    NO_FRACTURE_FOUND = "NO_FRACTURE_FOUND"
-    INCONCLUSIVE = "INCONCLUSIVE"
-    """The model ran but the anatomy it found fails the plausibility rules
-    (``service.inference.plausibility``): it neither flags nor clears the study."""
 
 
 class Role(StrEnum):

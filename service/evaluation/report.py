@@ -56,6 +56,11 @@ class StudyResult:
     mimics: list[tuple[str, str | None]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    result: str | None = None
+    """FRACTURE_SUSPECTED / NO_FRACTURE_FOUND / INCONCLUSIVE (``service.outcomes``)."""
+    inconclusive_reasons: list[str] = field(default_factory=list)
+    model_patient_suspected: bool | None = None
+    """The classifier alone at the patient threshold, before the anatomical gate."""
 
 
 def _probabilities(findings: Findings) -> np.ndarray:
@@ -80,18 +85,28 @@ def evaluate_study(study: RsnaStudy, runtime: ModelRuntime, settings: Settings) 
                            error=f"{exc.reason.value}: {exc.detail}")
     load_s = time.perf_counter() - started
     findings = run_pipeline(volume, runtime, settings, load_seconds=load_s)
+    reference = (segmentation_on_volume(study.segmentation, volume.affine, volume.shape)
+                 if study.segmentation is not None else None)
+    return study_result(study.study_instance_uid, labels, findings, reference, mimics)
+
+
+def study_result(uid: str, labels: np.ndarray | None, findings: Findings,
+                 reference: np.ndarray | None,
+                 mimics: list[tuple[str, str | None]]) -> StudyResult:
+    """One study's row from its findings (and reference label map on the volume grid)."""
     dice: dict[str, float | None] = {}
-    if study.segmentation is not None and findings.label_map is not None:
-        reference = segmentation_on_volume(study.segmentation, volume.affine, volume.shape)
+    if reference is not None and findings.label_map is not None:
         for i, name in enumerate(VERTEBRAE):
             dice[name] = metrics.dice(reference, findings.label_map, i + 1)
     return StudyResult(
-        uid=study.study_instance_uid, labels=labels, probabilities=_probabilities(findings),
+        uid=uid, labels=labels, probabilities=_probabilities(findings),
         in_view=[v.in_view for v in findings.vertebrae],
         suspected=[v.suspected for v in findings.vertebrae],
         patient_suspected=findings.patient_suspected, dice=dice,
         durations=dict(findings.stage_durations), mimics=mimics,
-        warnings=list(findings.warnings))
+        warnings=list(findings.warnings), result=findings.result.value,
+        inconclusive_reasons=findings.inconclusive_reasons,
+        model_patient_suspected=findings.model_patient_suspected)
 
 
 def evaluate_dataset(root: Path, settings: Settings, *, runtime: ModelRuntime | None = None,
@@ -170,6 +185,7 @@ def summarize(results: Sequence[StudyResult], *, patient_threshold: float,
     all_dice = [v for r in done for v in r.dice.values() if v is not None]
     dice["mean"] = metrics.bootstrap_interval(np.array(all_dice, dtype=float)).as_dict()
     summary["segmentation_dice"] = dice
+    summary["gate"] = gate_summary(done, patient_threshold)
     summary["mimics"] = _mimic_false_positives(done)
     summary["warnings"] = dict(sorted(Counter(w for r in done for w in set(r.warnings))
                                       .items()))
@@ -178,6 +194,41 @@ def summarize(results: Sequence[StudyResult], *, patient_threshold: float,
                                                    if k in r.durations]) for k in stages}
     summary["total_seconds_median"] = _median([sum(r.durations.values()) for r in done])
     return summary
+
+
+def _binary(labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    c = metrics.Confusion.from_arrays(labels, predicted)
+    return {"confusion": {"tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn},
+            "sensitivity": metrics.wilson_interval(c.tp, c.tp + c.fn).as_dict(),
+            "specificity": metrics.wilson_interval(c.tn, c.tn + c.fp).as_dict()}
+
+
+def gate_summary(done: Sequence[StudyResult], patient_threshold: float) -> dict[str, Any]:
+    """The anatomical gate's effect: INCONCLUSIVE counted apart, the answers both ways.
+
+    ``model_alone``: the classifier at the patient threshold with no gate (the figures
+    before the gate existed). ``inconclusive_as_negative``: only FRACTURE_SUSPECTED counts
+    as positive (what the worklist flags). ``inconclusive_excluded``: the same on the
+    studies with a conclusive answer only.
+    """
+    labelled = [r for r in done if r.labels is not None]
+    y = np.array([int(r.labels[0]) for r in labelled if r.labels is not None], dtype=int)
+    model = np.array([r.model_patient_suspected if r.model_patient_suspected is not None
+                      else r.probabilities[0] >= patient_threshold for r in labelled])
+    flagged = np.array([r.result == "FRACTURE_SUSPECTED" if r.result is not None
+                        else r.patient_suspected for r in labelled])
+    inconclusive = np.array([r.result == "INCONCLUSIVE" for r in labelled])
+    reasons = Counter(code for r in labelled for code in r.inconclusive_reasons
+                      if r.result == "INCONCLUSIVE")
+    return {
+        "inconclusive": metrics.wilson_interval(int(inconclusive.sum()), len(labelled)).as_dict(),
+        "inconclusive_positives": int((inconclusive & (y == 1)).sum()),
+        "inconclusive_negatives": int((inconclusive & (y == 0)).sum()),
+        "model_alone": _binary(y, model),
+        "inconclusive_as_negative": _binary(y, flagged),
+        "inconclusive_excluded": _binary(y[~inconclusive], flagged[~inconclusive]),
+        "reasons": dict(reasons.most_common()),
+    }
 
 
 def _mimic_false_positives(done: Sequence[StudyResult]) -> dict[str, Any]:
@@ -257,6 +308,23 @@ def render_markdown(summary: dict[str, Any]) -> str:
     for name in VERTEBRAE:
         lines.append(f"| {name} | {_fmt(summary['per_vertebra_auc'][name], percent=False)} | "
                      f"{_fmt(summary['segmentation_dice'][name], percent=False)} |")
+    gate = summary.get("gate")
+    if gate:
+        lines += ["## Anatomical plausibility gate (patient level, 95 % CI)", "",
+                  f"INCONCLUSIVE (analysed, neither flagged nor cleared): "
+                  f"{_fmt(gate['inconclusive'])} ({gate['inconclusive_positives']} "
+                  f"fracture-positive, {gate['inconclusive_negatives']} negative)", "",
+                  "| answer counted as | sensitivity | specificity |", "|---|---|---|"]
+        for key, title in (("model_alone", "classifier alone, no gate (before)"),
+                           ("inconclusive_as_negative", "flag only; INCONCLUSIVE as negative"),
+                           ("inconclusive_excluded", "INCONCLUSIVE excluded")):
+            row = gate[key]
+            lines.append(f"| {title} | {_fmt(row['sensitivity'])} | "
+                         f"{_fmt(row['specificity'])} |")
+        if gate["reasons"]:
+            lines += ["", "Failed rules on INCONCLUSIVE studies: " + ", ".join(
+                f"{code} {count}" for code, count in gate["reasons"].items())]
+        lines.append("")
     vt = summary["vertebra"]
     lines += ["", f"Pooled vertebra level at threshold: sensitivity {_fmt(vt['sensitivity'])}, "
               f"specificity {_fmt(vt['specificity'])}, AUC {_fmt(vt['auc'], percent=False)}; "
@@ -345,7 +413,7 @@ def write_report(summary: dict[str, Any], results: Sequence[StudyResult], out: P
         writer.writerow(["StudyInstanceUID", "error", "patient_label", "patient_probability",
                          "patient_suspected", *[f"{v}_label" for v in VERTEBRAE],
                          *[f"{v}_probability" for v in VERTEBRAE], "mimics", "warnings",
-                         "seconds"])
+                         "seconds", "result", "inconclusive_reasons"])
         for r in results:
             labels = r.labels if r.labels is not None else np.full(8, np.nan)
             writer.writerow([r.uid, r.error or "", _num(labels[0]), f"{r.probabilities[0]:.5f}",
@@ -353,7 +421,8 @@ def write_report(summary: dict[str, Any], results: Sequence[StudyResult], out: P
                              *[f"{v:.5f}" for v in r.probabilities[1:]],
                              ";".join(f"{t}:{lv or ''}" for t, lv in r.mimics),
                              ";".join(r.warnings),
-                             f"{sum(r.durations.values()):.3f}"])
+                             f"{sum(r.durations.values()):.3f}", r.result or "",
+                             ";".join(r.inconclusive_reasons)])
     return paths
 
 

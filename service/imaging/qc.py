@@ -52,7 +52,11 @@ class QcReason(StrEnum):
     UNDECODABLE_PIXEL_DATA = "UNDECODABLE_PIXEL_DATA"
     """Pixel data that no installed handler decodes, or of the wrong size."""
     NO_CERVICAL_SPINE = "NO_CERVICAL_SPINE"
-    """Decided after segmentation: too few cervical vertebrae in view."""
+    """Decided after segmentation: no cervical vertebra in view (a chest-only field of view,
+    a head CT ending above C1): outside the service's scope, not a negative."""
+    TOO_LITTLE_CERVICAL_SPINE = "TOO_LITTLE_CERVICAL_SPINE"
+    """Decided after segmentation: some cervical vertebrae in view, fewer than the minimum:
+    too little of the cervical spine to clear or flag; outside the service's scope."""
 
 
 class QcWarning(StrEnum):
@@ -99,21 +103,26 @@ DEFAULT_MIN_CERVICAL_VERTEBRAE = 3
 
 
 def check_cervical_spine(
-    vertebrae_in_view: Iterable[str], *, min_vertebrae: int = DEFAULT_MIN_CERVICAL_VERTEBRAE
+    vertebrae_in_view: Iterable[str], *, min_vertebrae: int = DEFAULT_MIN_CERVICAL_VERTEBRAE,
+    skull_base_in_view: bool = False,
 ) -> None:
-    """Raise ``VolumeError(NO_CERVICAL_SPINE)`` when segmentation found too few vertebrae.
+    """Raise ``VolumeError`` when segmentation found no or too few cervical vertebrae.
 
-    ``vertebrae_in_view`` holds names such as ``"C2"`` (as in
-    ``service.inference.findings.VERTEBRAE``); other names (thoracic levels) are ignored.
-    Called by the inference code after segmentation: the loader cannot know it.
+    ``NO_CERVICAL_SPINE`` when none is in view, ``TOO_LITTLE_CERVICAL_SPINE`` when some but
+    fewer than ``min_vertebrae`` are. ``vertebrae_in_view`` holds names such as ``"C2"`` (as
+    in ``service.inference.findings.VERTEBRAE``); other names (thoracic levels) are ignored.
+    ``skull_base_in_view`` only words the detail (a head CT ending above the neck). Called
+    by the worker after segmentation, before any flag: the loader cannot know it.
     """
     if min_vertebrae < 1:
         raise ValueError("min_vertebrae must be >= 1")
     found = sorted({v for v in vertebrae_in_view if v in CERVICAL_VERTEBRAE})
     if len(found) < min_vertebrae:
         listed = ", ".join(found) if found else "none"
+        where = ("; the skull base is in view: the scan ends at or above the upper neck"
+                 if skull_base_in_view else "")
         raise VolumeError(
-            QcReason.NO_CERVICAL_SPINE,
+            QcReason.TOO_LITTLE_CERVICAL_SPINE if found else QcReason.NO_CERVICAL_SPINE,
             f"{len(found)} cervical vertebra(e) in view ({listed}); "
-            f"at least {min_vertebrae} needed",
+            f"at least {min_vertebrae} needed to clear or flag the cervical spine{where}",
         )

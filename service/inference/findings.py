@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.outcomes import AnalysisResult, failure_codes
+
 VERTEBRAE: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 """Label value ``i + 1`` in a label map is ``VERTEBRAE[i]``; 0 is background."""
 
@@ -23,6 +25,8 @@ class VertebraFinding:
     probability: float | None
     """Fracture probability in [0, 1]; None when the vertebra is not in view."""
     suspected: bool
+    """Above the vertebra threshold *and* vouched for by the anatomical gate: only such a
+    vertebra raises a flag."""
     slice_range: tuple[int, int] | None = None
     """Inclusive first and last z index where the vertebra was segmented."""
     bbox: tuple[int, int, int, int, int, int] | None = None
@@ -30,6 +34,12 @@ class VertebraFinding:
     key_slices: tuple[int, ...] = ()
     """z indices with the highest per-slice fracture scores (for key images)."""
     slice_scores: tuple[float, ...] = ()
+    plausible: bool | None = None
+    """The level passed the anatomical gate in a sound column (None when not in view)."""
+    plausibility_reasons: tuple[str, ...] = ()
+    """Codes of the gate's rules this level (or its column) failed."""
+    above_threshold: bool = False
+    """Probability at or above the vertebra threshold (whatever the gate said)."""
 
 
 @dataclass
@@ -49,6 +59,27 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
     source_fingerprint: str = ""
     """Digest of the SOP Instance UIDs the model saw (:func:`instances_fingerprint`)."""
+    result: AnalysisResult = AnalysisResult.NO_FRACTURE_FOUND
+    """The answer: a flag only from vouched levels; INCONCLUSIVE when the gate failed and
+    nothing vouched for was flagged."""
+    anatomy: dict[str, object] = field(default_factory=dict)
+    """The gate's report (``AnatomyReport.as_dict()``): failures, per-level measures."""
+    model_patient_suspected: bool = False
+    """What the classifier alone would have said at the patient threshold (before the
+    gate): kept for evaluation and for the audit trail, never for flagging."""
+
+    @property
+    def inconclusive_reasons(self) -> list[str]:
+        """The failed rules (``LEVELS_OUT_OF_ORDER``, ``LEVEL_EXTENT_OUT_OF_RANGE:C5``...)."""
+        return failure_codes(self.anatomy)
+
+    @property
+    def inconclusive_text(self) -> list[str]:
+        """One English sentence per failed rule (for the SR, HL7 and the dashboard)."""
+        failures = self.anatomy.get("failures", []) if self.anatomy else []
+        return [(f"{f['code']} ({f['level']}: {f['detail']})" if f.get("level")
+                 else f"{f['code']} ({f['detail']})")
+                for f in (failures if isinstance(failures, list) else [])]
 
     @property
     def uid_source(self) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,9 @@ from service.inference.findings import (
     instances_fingerprint,
 )
 from service.inference.manifest import Preprocessing
+from service.inference.plausibility import AnatomyReport, assess, superior_in_grid
 from service.inference.runtime import ModelRuntime, Stage, get_runtime
+from service.outcomes import AnalysisResult
 
 logger = logging.getLogger(__name__)
 
@@ -218,14 +220,20 @@ class Segmentation:
     in_view: list[tuple[int, tuple[int, int, int, int, int, int]]]
     """(label, voxel box on the volume grid, end-exclusive) of every level in view."""
     warnings: list[str]
+    anatomy: AnatomyReport = field(default_factory=AnatomyReport)
+    """The plausibility gate's answer on the levels in view (:mod:`.plausibility`)."""
 
 
 def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Preprocessing,
-                   durations: dict[str, float] | None = None) -> Segmentation:
-    """Stage 1 on one HU volume: the levels in view and their label map.
+                   durations: dict[str, float] | None = None,
+                   superior: Sequence[float] | np.ndarray = (1.0, 0.0, 0.0)) -> Segmentation:
+    """Stage 1 on one HU volume: the levels in view, their label map, the anatomy gate.
 
     Shared by :func:`run_pipeline` and by ``models.data``, which cuts classifier training
     crops from this very output so the classifier learns on the masks it is served.
+    ``superior``: the head's direction in the volume's (z, y, x) grid
+    (:func:`~service.inference.plausibility.superior_in_grid`; the default, z increasing
+    towards the head, is how the phantoms and most axial series are sorted).
     """
     durations = durations if durations is not None else {}
     warnings: list[str] = []
@@ -235,9 +243,9 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
     durations["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    coarse = segmentation_labels(image, lambda x: seg.run(x)[0], pre)
+    raw = segmentation_labels(image, lambda x: seg.run(x)[0], pre)
     del image
-    coarse = clean_labels(coarse, len(pre.seg_classes))
+    coarse = clean_labels(raw, len(pre.seg_classes))
     coarse[coarse > len(VERTEBRAE)] = 0  # extra classes (thoracic) are context, not findings
     label_map = resample_to_original(coarse, grid.spacing, tuple(spacing), hu.shape, order=0)
     voxel_mm3 = float(np.prod(grid.spacing))
@@ -246,7 +254,6 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
     # stray blob in soft tissue or water) is not in view, whatever the network says.
     bone = np.bincount(coarse.ravel(), weights=(coarse_hu >= pre.min_bone_hu).ravel(),
                        minlength=len(VERTEBRAE) + 1)
-    del coarse_hu
     coarse_boxes = ndimage.find_objects(coarse, max_label=len(VERTEBRAE))
     in_view: list[tuple[int, tuple[int, int, int, int, int, int]]] = []
     for index in range(len(VERTEBRAE)):
@@ -257,10 +264,12 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
         if counts[label] * voxel_mm3 < pre.min_vertebra_volume_mm3:
             # Too small to be this vertebra: not in view, so not in the SEG either.
             label_map[label_map == label] = 0
+            coarse[coarse == label] = 0
             continue
         if bone[label] * voxel_mm3 < pre.min_vertebra_volume_mm3 * pre.min_bone_fraction:
             warnings.append(f"{NOT_BONE}:{VERTEBRAE[index]}")
             label_map[label_map == label] = 0
+            coarse[coarse == label] = 0
             continue
         cbox = (box[0].start, box[1].start, box[2].start, box[0].stop, box[1].stop,
                 box[2].stop)
@@ -271,7 +280,11 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
     if not levels_in_order(coarse, [label for label, _ in in_view]):
         warnings.append(OUT_OF_ORDER)
     durations["segmentation"] = time.perf_counter() - started
-    return Segmentation(label_map=label_map, in_view=in_view, warnings=warnings)
+    started = time.perf_counter()
+    anatomy = assess(coarse, raw, coarse_hu, grid.spacing, superior)
+    durations["plausibility"] = time.perf_counter() - started
+    return Segmentation(label_map=label_map, in_view=in_view, warnings=warnings,
+                        anatomy=anatomy)
 
 
 def levels_in_order(labels: np.ndarray, levels: Sequence[int]) -> bool:
@@ -291,7 +304,8 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
     durations: dict[str, float] = {}
     if load_seconds is not None:
         durations["load"] = load_seconds
-    segmentation = segment_volume(volume.hu, volume.spacing, runtime.seg, pre, durations)
+    segmentation = segment_volume(volume.hu, volume.spacing, runtime.seg, pre, durations,
+                                  superior=superior_in_grid(volume.affine))
     label_map, in_view = segmentation.label_map, segmentation.in_view
     warnings = list(segmentation.warnings)
 
@@ -319,33 +333,51 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
                           else manifest.thresholds.vertebra)
     patient_threshold = (settings.patient_threshold if settings.patient_threshold is not None
                          else manifest.thresholds.patient)
+    anatomy = segmentation.anatomy
+    column_reasons = tuple(f.code.value for f in anatomy.column_failures)
     found: dict[int, VertebraFinding] = {}
     for i, (label, bbox) in enumerate(in_view):
+        name = VERTEBRAE[label - 1]
         z0, z1 = bbox[0], bbox[3] - 1
         per_slice = np.interp(np.arange(z0, z1 + 1), z_positions[i], slice_scores[i])
         probability = float(probs[i])
+        vouched = anatomy.vouched(name)
+        above = probability >= vertebra_threshold
         found[label] = VertebraFinding(
-            vertebra=VERTEBRAE[label - 1], in_view=True, probability=probability,
-            suspected=probability >= vertebra_threshold, slice_range=(z0, z1), bbox=bbox,
+            vertebra=name, in_view=True, probability=probability,
+            suspected=above and vouched, slice_range=(z0, z1), bbox=bbox,
             key_slices=_key_slices(per_slice, z0, KEY_SLICES),
-            slice_scores=tuple(float(v) for v in per_slice))
+            slice_scores=tuple(float(v) for v in per_slice),
+            plausible=vouched,
+            plausibility_reasons=column_reasons + tuple(
+                f.code.value for f in anatomy.level_failures(name)),
+            above_threshold=above)
     vertebrae = [found.get(i + 1) or VertebraFinding(vertebra=name, in_view=False,
                                                       probability=None, suspected=False)
                  for i, name in enumerate(VERTEBRAE)]
     if not in_view:
         warnings.append(NO_VERTEBRA_IN_VIEW)
-        patient_probability = 0.0
-    elif manifest.patient_aggregation == "noisy_or":
-        patient_probability = float(1.0 - np.prod(1.0 - probs.astype(np.float64)))
+    patient_probability = _aggregate(probs, manifest.patient_aggregation)
+    vouched_probs = np.array([probs[i] for i, (label, _) in enumerate(in_view)
+                              if found[label].plausible], dtype=np.float32)
+    # The patient-level flag, like every flag, comes only from levels the gate vouched for.
+    patient_suspected = (bool(len(vouched_probs))
+                         and _aggregate(vouched_probs, manifest.patient_aggregation)
+                         >= patient_threshold)
+    model_patient_suspected = bool(in_view) and patient_probability >= patient_threshold
+    if patient_suspected or any(v.suspected for v in vertebrae):
+        result = AnalysisResult.FRACTURE_SUSPECTED
+    elif anatomy.failures or not in_view:
+        result = AnalysisResult.INCONCLUSIVE
     else:
-        patient_probability = float(probs.max())
+        result = AnalysisResult.NO_FRACTURE_FOUND
     findings = Findings(
         series_instance_uid=volume.series_instance_uid,
         model_name=manifest.name,
         model_version=manifest.version,
         vertebrae=vertebrae,
         patient_probability=patient_probability,
-        patient_suspected=bool(in_view) and patient_probability >= patient_threshold,
+        patient_suspected=patient_suspected,
         vertebra_threshold=float(vertebra_threshold),
         patient_threshold=float(patient_threshold),
         label_map=label_map,
@@ -353,12 +385,25 @@ def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,
         stage_durations=durations,
         warnings=warnings,
         source_fingerprint=instances_fingerprint(volume.sop_instance_uids),
+        result=result,
+        anatomy=anatomy.as_dict(),
+        model_patient_suspected=model_patient_suspected,
     )
-    logger.info("series %s: in view %s, suspected %s, patient p=%.3f (%s), stages %s",
-                volume.series_instance_uid, findings.in_view, findings.suspected_vertebrae,
+    logger.info("series %s: %s, in view %s, suspected %s, gate %s, patient p=%.3f (%s), "
+                "stages %s", volume.series_instance_uid, result.value, findings.in_view,
+                findings.suspected_vertebrae, anatomy.reason_codes or "passed",
                 patient_probability, runtime.provider,
                 {k: round(v, 3) for k, v in durations.items()})
     return findings
+
+
+def _aggregate(probabilities: np.ndarray, how: str) -> float:
+    """Patient-level probability from per-vertebra ones (0 when there are none)."""
+    if not len(probabilities):
+        return 0.0
+    if how == "noisy_or":
+        return float(1.0 - np.prod(1.0 - probabilities.astype(np.float64)))
+    return float(probabilities.max())
 
 
 def analyze_paths(paths: Sequence[Path], settings: Settings,

@@ -37,6 +37,10 @@ FRACTURE: Code = Code("72704001", "SCT", "Fracture")
 """Finding type and qualitative-evaluation concept name (not in pydicom's dictionary)."""
 PRESENT: Code = codes.SCT.Present  # 52101004
 ABSENT: Code = codes.SCT.Absent  # 272519000
+INDETERMINATE: Code = codes.SCT.Indeterminate  # 82334004
+"""Fracture evaluation of an INCONCLUSIVE analysis: neither present nor absent."""
+COMMENT: Code = codes.DCM.Comment  # DCM 121106
+"""Text item naming each failed plausibility rule of an INCONCLUSIVE analysis."""
 PROBABILITY: Code = codes.DCM.Probability  # DCM 122157
 NO_UNITS: Code = codes.UCUM.NoUnits  # UCUM "1": a probability is dimensionless
 

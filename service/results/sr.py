@@ -7,12 +7,15 @@ Content tree (built only through highdicom's template classes):
 - procedure reported: CT (CID 100 has no cervical-spine CT procedure code);
 - one TID 1411 volumetric measurement group per vertebra in view: tracking identifier and
   UID, finding type Fracture (SCT 72704001), finding site C1..C7 (SNOMED CT), qualitative
-  evaluation Fracture = Present/Absent, measurement Probability (DCM 122157, unit "1")
+  evaluation Fracture = Present/Absent, or Indeterminate (SCT 82334004) on a level the
+  anatomical plausibility gate could not vouch for, with a TEXT Comment (DCM 121106) naming
+  the failed rules; measurement Probability (DCM 122157, unit "1")
   referencing the key slices, and the region as a Referenced Segment of the SEG with its
   source images (the instances spanning the vertebra). Without a SEG (nothing segmented) the
   group is a TID 1501 group whose source images are those instances;
 - one TID 1501 patient-level group: finding site Cervical spine, Fracture present/absent,
-  patient-level probability;
+  or Indeterminate for an INCONCLUSIVE analysis (neither flagged nor cleared) with one
+  Comment per failed rule; patient-level probability;
 - evidence: the source series' instances and the SEG.
 
 ``ReferencedSegment`` is constructed directly: highdicom 0.28's
@@ -26,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
+from highdicom.sr.templates import Template
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
@@ -33,6 +37,7 @@ from pydicom.uid import UID
 from service.config import SegFormat
 from service.imaging.volume import Volume
 from service.inference.findings import Findings, VertebraFinding
+from service.outcomes import AnalysisResult
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError, complete_type2
 from service.results.seg import SegmentationResult
@@ -51,8 +56,36 @@ def sr_kind(seg_format: SegFormat) -> ObjectKind:
     return ObjectKind.SR_LABELMAP if seg_format is SegFormat.LABELMAP else ObjectKind.SR
 
 
-def _present(flag: bool) -> Code:
-    return codes.PRESENT if flag else codes.ABSENT
+def _vertebra_evaluation(finding: VertebraFinding) -> Code:
+    """Present when flagged; Indeterminate when the gate could not vouch for the level (the
+    classifier's score there is not a finding either way); Absent otherwise."""
+    if finding.suspected:
+        return codes.PRESENT
+    return codes.INDETERMINATE if finding.plausible is False else codes.ABSENT
+
+
+def _patient_evaluation(findings: Findings) -> Code:
+    if findings.patient_suspected or findings.suspected_vertebrae:
+        return codes.PRESENT
+    if findings.result is AnalysisResult.INCONCLUSIVE:
+        return codes.INDETERMINATE
+    return codes.ABSENT
+
+
+def _add_comments(group: Template, texts: Sequence[str]) -> None:
+    """Append TEXT "Comment" (DCM 121106) items to a measurement group's container.
+
+    highdicom's group classes take no free text; the item itself is built by highdicom's
+    ``TextContentItem`` and added to the group container's content (TID 1501 allows
+    comments as TEXT).
+    """
+    if not texts:
+        return
+    container = group[0]
+    for text in texts:
+        container.ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.COMMENT, value=text[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
 
 
 def _slice_references(volume: Volume,
@@ -130,9 +163,12 @@ def _vertebra_group(
         "finding_sites": [hd.sr.FindingSite(codes.vertebra_code(finding.vertebra))],
         "measurements": measurements,
         "qualitative_evaluations": [
-            hd.sr.QualitativeEvaluation(codes.FRACTURE, _present(finding.suspected))
+            hd.sr.QualitativeEvaluation(codes.FRACTURE, _vertebra_evaluation(finding))
         ],
     }
+    comments = ([f"Not vouched for by the anatomical plausibility gate: "
+                 f"{', '.join(finding.plausibility_reasons)}"]
+                if finding.plausible is False and finding.plausibility_reasons else [])
     segment_number = (segmentation.segment_numbers.get(finding.vertebra)
                       if segmentation is not None else None)
     if segmentation is not None and segment_number is not None:
@@ -152,9 +188,11 @@ def _vertebra_group(
             source_series=None if source_images else hd.sr.SourceSeriesForSegmentation(
                 volume.series_instance_uid),
         )
-        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        volumetric = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             referenced_segment=referenced_segment, **common)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        _add_comments(volumetric, comments)
+        return volumetric
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=ds.SOPClassUID,
@@ -165,13 +203,15 @@ def _vertebra_group(
         ] or None,
         **common,
     )
+    _add_comments(group, comments)
+    return group
 
 
 def _patient_group(volume: Volume, findings: Findings, *, uid_root: str,
                    algorithm: AlgorithmInfo) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     key_slices = [z for f in findings.vertebrae if f.suspected for z in f.key_slices]
     key_refs = _slice_references(volume, key_slices)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.tracking_uid(uid_root, findings.uid_source,
                                   findings.model_version, PATIENT_FINDING),
@@ -182,9 +222,14 @@ def _patient_group(volume: Volume, findings: Findings, *, uid_root: str,
         finding_sites=[hd.sr.FindingSite(codes.CERVICAL_SPINE)],
         measurements=[_probability_measurement(findings.patient_probability, key_refs, algorithm)],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(codes.FRACTURE, _present(findings.patient_suspected))
+            hd.sr.QualitativeEvaluation(codes.FRACTURE, _patient_evaluation(findings))
         ],
     )
+    if findings.result is AnalysisResult.INCONCLUSIVE:
+        _add_comments(group, [
+            "INCONCLUSIVE: the model ran but the anatomy it found is not plausible; the study "
+            "is neither flagged nor cleared.", *findings.inconclusive_text])
+    return group
 
 
 def build_report(

@@ -20,6 +20,7 @@ from datetime import datetime
 import hl7
 
 from service.config import Settings
+from service.outcomes import AnalysisResult
 from service.results import codes
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,14 @@ class Notification:
     suspected_vertebrae: list[str] = field(default_factory=list)
     model_version: str | None = None
     sr_sop_instance_uid: str | None = None
+    result: str | None = None
+    """FRACTURE_SUSPECTED, NO_FRACTURE_FOUND or INCONCLUSIVE (``service.outcomes``)."""
+    inconclusive_reasons: list[str] = field(default_factory=list)
+    """The anatomical rules that failed, when INCONCLUSIVE."""
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.result == AnalysisResult.INCONCLUSIVE.value
 
 
 def _escape(value: object) -> str:
@@ -65,7 +74,10 @@ def build_oru(notification: Notification, *, control_id: str,
               receiving_application: str = "RIS", receiving_facility: str = "") -> str:
     """An HL7 v2.5 ORU^R01 (segments separated by carriage returns)."""
     stamp = notification.flagged_at.strftime("%Y%m%d%H%M%S")
-    present = codes.PRESENT if notification.patient_suspected else codes.ABSENT
+    # INCONCLUSIVE is neither present nor absent: the study was not cleared.
+    present = (codes.INDETERMINATE if notification.inconclusive and not
+               notification.patient_suspected
+               else codes.PRESENT if notification.patient_suspected else codes.ABSENT)
     segments = [
         f"MSH|^~\\&|{SENDING_APPLICATION}||{_escape(receiving_application)}|"
         f"{_escape(receiving_facility)}|{stamp}||ORU^R01^ORU_R01|{_escape(control_id)}|P|2.5",
@@ -82,6 +94,12 @@ def build_oru(notification: Notification, *, control_id: str,
     if notification.suspected_vertebrae:
         segments.append(f"OBX|{len(segments) - 2}|ST|VERTEBRAE^Suspected vertebrae^L||"
                         f"{_escape(', '.join(notification.suspected_vertebrae))}||||||P")
+    if notification.result:
+        segments.append(f"OBX|{len(segments) - 2}|ST|RESULT^Analysis result^L||"
+                        f"{_escape(notification.result)}||||||P")
+    if notification.inconclusive_reasons:
+        segments.append(f"OBX|{len(segments) - 2}|ST|REASONS^Inconclusive reasons^L||"
+                        f"{_escape(', '.join(notification.inconclusive_reasons))}||||||P")
     segments.append(f"OBX|{len(segments) - 2}|ST|STUDYUID^Study Instance UID^L||"
                     f"{_escape(notification.study_instance_uid)}||||||P")
     segments.append("NTE|1||Research software (synthetic-trained model), not for diagnosis: "
@@ -118,7 +136,9 @@ def send_mllp(host: str, port: int, message: str, *, timeout_s: float) -> str:
 
 def webhook_payload(notification: Notification) -> dict[str, object]:
     return {
-        "event": "study.flagged",
+        "event": ("study.inconclusive" if notification.inconclusive else "study.flagged"),
+        "result": notification.result,
+        "inconclusive_reasons": notification.inconclusive_reasons,
         "study_instance_uid": notification.study_instance_uid,
         "accession_number": notification.accession_number,
         "priority": notification.priority,

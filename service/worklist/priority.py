@@ -1,8 +1,11 @@
 """Worklist priority from the findings, by a configurable policy.
 
-Default policy: STAT when any vertebra is suspected, ROUTINE otherwise, NOT_ANALYZED (with
-the reason) when the series could not be analysed. Optionally, a study that is not suspected
-but whose patient-level probability reaches ``priority_urgent_probability`` goes URGENT.
+Default policy: STAT when the analysis's answer is "fracture suspected" (only ever on a
+vertebra the anatomical gate vouched for), INCONCLUSIVE when the model ran but the anatomy it
+found failed the gate (not flagged, and not cleared either: the reason names the failed
+rules), ROUTINE when no fracture was found, NOT_ANALYZED (with the reason) when the series
+could not be analysed. Optionally, a study with no fracture found whose patient-level
+probability reaches ``priority_urgent_probability`` goes URGENT.
 
 Every change of a study's priority is timestamped (``Study.flagged_at``; the analysis that
 caused it gets ``Analysis.flagged_at``, which the turnaround figures read) and audited as
@@ -19,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from service.audit.trail import record
 from service.config import Settings
-from service.db.tables import Analysis, Priority, Study
+from service.db.tables import Analysis, AnalysisResult, Priority, Study
 from service.db.types import utcnow
 from service.inference.findings import Findings
 
@@ -55,7 +58,14 @@ class PriorityPolicy:
     def decide(self, findings: Findings) -> PriorityDecision:
         suspected = findings.suspected_vertebrae
         probability = findings.patient_probability
-        if suspected or findings.patient_suspected:
+        if findings.result is AnalysisResult.INCONCLUSIVE:
+            reasons = ", ".join(findings.inconclusive_reasons) or "no vertebra in view"
+            return PriorityDecision(
+                Priority.INCONCLUSIVE,
+                f"inconclusive, not cleared: anatomy not plausible ({reasons})")
+        if (findings.result is AnalysisResult.FRACTURE_SUSPECTED or suspected
+                or findings.patient_suspected):
+            # ``suspected`` is only ever set on a vertebra the gate vouched for.
             where = ", ".join(suspected) if suspected else "patient level"
             return PriorityDecision(
                 self.suspected, f"fracture suspected: {where} (p={probability:.2f})")

@@ -86,9 +86,48 @@ def test_written_report(results: list[StudyResult], tmp_path: Path) -> None:
         assert img.size == (640, 640)
     rows = (tmp_path / "out" / "studies.csv").read_text().splitlines()
     assert len(rows) == 7 and rows[0].startswith("StudyInstanceUID")
-    assert rows[5].split(",")[-2] == "LEVELS_OUT_OF_ORDER;PARTIAL_VERTEBRA:C7"
+    assert rows[0].split(",")[-4:] == ["warnings", "seconds", "result", "inconclusive_reasons"]
+    assert rows[5].split(",")[-4] == "LEVELS_OUT_OF_ORDER;PARTIAL_VERTEBRA:C7"
     assert "- LEVELS_OUT_OF_ORDER: 1" in md
     assert len(paths) == 4
+
+
+def test_inconclusive_counted_apart_and_sensitivity_both_ways(tmp_path: Path) -> None:
+    """Six studies: the classifier alone flags four; the gate makes two INCONCLUSIVE (one
+    fractured, one not) and lets the other two flags stand."""
+    def gated(uid: str, label: int, p: float, result: str,
+              reasons: list[str] | None = None) -> StudyResult:
+        r = _result(uid, [label] + [0] * 7, [p] + [0.1] * 7)
+        r.result = result
+        r.patient_suspected = result == "FRACTURE_SUSPECTED"
+        r.model_patient_suspected = p >= 0.5
+        r.inconclusive_reasons = reasons or []
+        return r
+
+    results = [
+        gated("1", 1, 0.9, "FRACTURE_SUSPECTED"),
+        gated("2", 1, 0.9, "INCONCLUSIVE", ["LEVELS_OUT_OF_ORDER"]),
+        gated("3", 1, 0.2, "NO_FRACTURE_FOUND"),
+        gated("4", 0, 0.9, "INCONCLUSIVE", ["LEVELS_OUT_OF_ORDER", "LEVEL_NOT_BONE:C3"]),
+        gated("5", 0, 0.1, "NO_FRACTURE_FOUND"),
+        gated("6", 0, 0.8, "FRACTURE_SUSPECTED"),
+    ]
+    gate = summarize(results, patient_threshold=0.5, vertebra_threshold=0.5)["gate"]
+    assert gate["inconclusive"]["numerator"] == 2 and gate["inconclusive"]["denominator"] == 6
+    assert (gate["inconclusive_positives"], gate["inconclusive_negatives"]) == (1, 1)
+    alone = gate["model_alone"]
+    assert alone["confusion"] == {"tp": 2, "fp": 2, "tn": 1, "fn": 1}
+    as_negative = gate["inconclusive_as_negative"]
+    assert as_negative["confusion"] == {"tp": 1, "fp": 1, "tn": 2, "fn": 2}
+    assert as_negative["sensitivity"]["value"] == pytest.approx(1 / 3)
+    excluded = gate["inconclusive_excluded"]
+    assert excluded["confusion"] == {"tp": 1, "fp": 1, "tn": 1, "fn": 1}
+    assert gate["reasons"] == {"LEVELS_OUT_OF_ORDER": 2, "LEVEL_NOT_BONE:C3": 1}
+    s = summarize(results, patient_threshold=0.5, vertebra_threshold=0.5)
+    write_report(s, results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "INCONCLUSIVE (analysed, neither flagged nor cleared): 33.3 %" in md
+    assert "| INCONCLUSIVE excluded | 50.0 %" in md
 
 
 def test_choose_thresholds_uses_processed_studies(results: list[StudyResult]) -> None:

@@ -36,10 +36,12 @@ def test_cervical_spine_check() -> None:
     check_cervical_spine(CERVICAL_VERTEBRAE)
     with pytest.raises(VolumeError) as info:
         check_cervical_spine(["C7", "T1", "T2", "T3"])
-    assert info.value.reason is QcReason.NO_CERVICAL_SPINE
+    assert info.value.reason is QcReason.TOO_LITTLE_CERVICAL_SPINE
     assert "1 cervical vertebra(e) in view (C7)" in info.value.detail
-    with pytest.raises(VolumeError):
-        check_cervical_spine([])
+    with pytest.raises(VolumeError) as info:
+        check_cervical_spine([], skull_base_in_view=True)
+    assert info.value.reason is QcReason.NO_CERVICAL_SPINE
+    assert "skull base is in view" in info.value.detail
     check_cervical_spine(["C1"], min_vertebrae=1)
     with pytest.raises(ValueError):
         check_cervical_spine(["C1"], min_vertebrae=0)

@@ -23,6 +23,7 @@ from service.inference.pipeline import (
     segment_volume,
 )
 from service.inference.runtime import CPU, ModelRuntime, load_runtime
+from service.outcomes import AnalysisResult
 from service.synthetic import (
     FractureSpec,
     FractureType,
@@ -67,7 +68,13 @@ def test_findings_contract_on_a_fractured_phantom(fractured_series: tuple[Path, 
     assert findings.model_name == manifest.name and findings.model_version == manifest.version
     assert findings.execution_provider == CPU
     assert findings.patient_threshold == manifest.thresholds.patient
-    assert set(findings.stage_durations) == {"preprocess", "segmentation", "classification"}
+    assert set(findings.stage_durations) == {"preprocess", "segmentation", "plausibility",
+                                             "classification"}
+    # A phantom of the generator the model learned on: the anatomy gate passes, every level
+    # is vouched for, and the answer follows the classifier.
+    assert findings.anatomy["passed"] is True, findings.anatomy
+    assert findings.result is (AnalysisResult.FRACTURE_SUSPECTED if findings.patient_suspected
+                               else AnalysisResult.NO_FRACTURE_FOUND)
     label_map = findings.label_map
     assert label_map is not None and label_map.shape == volume.shape
     assert label_map.dtype == np.uint8 and int(label_map.max()) <= 7
@@ -77,6 +84,7 @@ def test_findings_contract_on_a_fractured_phantom(fractured_series: tuple[Path, 
     probabilities = []
     for v in in_view:
         assert v.probability is not None and 0 <= v.probability <= 1
+        assert v.plausible is True and v.plausibility_reasons == ()
         assert v.suspected == (v.probability >= findings.vertebra_threshold)
         assert v.slice_range is not None and v.bbox is not None
         z0, z1 = v.slice_range
@@ -171,6 +179,24 @@ def test_the_pipeline_runs_on_a_real_scanners_series(
             assert v.bbox is not None and (label_map == label).any()
     levels = [VERTEBRAE.index(v.vertebra) + 1 for v in findings.vertebrae if v.in_view]
     assert (OUT_OF_ORDER in findings.warnings) == (not levels_in_order(label_map, levels))
+    # No known fracture, and the levels it finds are anatomically impossible (C5 over
+    # 117 mm, C2-C4 piled up): never STAT; INCONCLUSIVE with the failed rules.
+    assert findings.result is AnalysisResult.INCONCLUSIVE, findings.anatomy
+    assert findings.suspected_vertebrae == [] and not findings.patient_suspected
+    assert "LEVELS_OVERLAP:C3" in findings.inconclusive_reasons
+    assert any(r.startswith("LEVEL_EXTENT_OUT_OF_RANGE") for r in findings.inconclusive_reasons)
+
+
+def test_the_real_chest_ct_is_not_stat(
+        real_chest_ct_dir: Path, runtime_and_settings: tuple[object, Settings]) -> None:
+    """The chest CT (C2-C3 to L1, raised arms, invalid Study Date): the classifier alone
+    says 0.996; the model's "C2" sits at the bottom of the scan. INCONCLUSIVE, never STAT."""
+    runtime, settings = runtime_and_settings
+    volume = load_volume(sorted(real_chest_ct_dir.iterdir()))
+    findings = run_pipeline(volume, runtime, settings)  # type: ignore[arg-type]
+    assert findings.result is AnalysisResult.INCONCLUSIVE, findings.anatomy
+    assert findings.suspected_vertebrae == [] and not findings.patient_suspected
+    assert "LEVELS_OUT_OF_ORDER" in findings.inconclusive_reasons
 
 
 @pytest.mark.xfail(not CLASSIFIER_DISCRIMINATES, strict=True,

@@ -208,3 +208,57 @@ def test_result_uids_follow_the_instances_analysed(case: SyntheticCase,
     assert sr_uid(first) == sr_uid(again)
     assert sr_uid(grown) != sr_uid(first)
     assert first.uid_source.startswith(case.volume.series_instance_uid + "/")
+
+
+def _inconclusive(case: SyntheticCase) -> SyntheticCase:
+    """The case's findings as the pipeline gives them when the gate fails: C5 above
+    threshold but not vouched for, the column out of order."""
+    import dataclasses
+
+    from service.outcomes import AnalysisResult
+
+    reasons = ("LEVELS_OUT_OF_ORDER",)
+    vertebrae = [dataclasses.replace(v, suspected=False, plausible=False,
+                                     plausibility_reasons=reasons,
+                                     above_threshold=bool(v.probability and v.probability >= .5))
+                 if v.in_view else v for v in case.findings.vertebrae]
+    anatomy = {"failures": [{"code": "LEVELS_OUT_OF_ORDER", "level": None,
+                             "detail": "head to foot along the spine: C1, C3, C2"}]}
+    findings = dataclasses.replace(case.findings, vertebrae=vertebrae, patient_suspected=False,
+                                   result=AnalysisResult.INCONCLUSIVE, anatomy=anatomy)
+    return SyntheticCase(datasets=case.datasets, volume=case.volume, findings=findings)
+
+
+def test_inconclusive_is_indeterminate_with_the_failed_rules(case: SyntheticCase,
+                                                             tmp_path: Path) -> None:
+    inconclusive = _inconclusive(case)
+    segmentation = build_segmentation(inconclusive.volume, inconclusive.findings,
+                                      uid_root=ROOT, algorithm=ALGORITHM)
+    sr = build_report(inconclusive.volume, inconclusive.findings, uid_root=ROOT,
+                      algorithm=ALGORITHM, segmentation=segmentation)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    report = dciodvfy(path)
+    assert report.errors == [], report.output
+    assert report.warnings == [], report.output
+
+    read = _reread(sr)
+    (patient,) = read.content.get_image_measurement_groups()
+    (evaluation,) = patient.get_qualitative_evaluations(name=codes.FRACTURE)
+    assert evaluation.value == codes.INDETERMINATE  # neither present nor absent: not cleared
+    comments = [item.TextValue for item in patient[0].ContentSequence
+                if item.ValueType == "TEXT" and item.name == codes.COMMENT]
+    assert comments[0].startswith("INCONCLUSIVE")
+    assert "LEVELS_OUT_OF_ORDER (head to foot along the spine: C1, C3, C2)" in comments
+    for group in read.content.get_volumetric_roi_measurement_groups():
+        (evaluation,) = group.get_qualitative_evaluations(name=codes.FRACTURE)
+        assert evaluation.value == codes.INDETERMINATE  # C2 at 0.91 is not a flag here
+    text = dsrdump(path)
+    assert '(82334004,SCT,"Indeterminate")' in text
+    assert '"Comment")="Not vouched for by' in text  # dsrdump shortens long text values
+    vertebra_comments = [item.TextValue
+                         for group in read.content.get_volumetric_roi_measurement_groups()
+                         for item in group[0].ContentSequence
+                         if item.ValueType == "TEXT" and item.name == codes.COMMENT]
+    assert vertebra_comments == [
+        "Not vouched for by the anatomical plausibility gate: LEVELS_OUT_OF_ORDER"] * 6
