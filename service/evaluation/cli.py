@@ -88,7 +88,7 @@ def cmd_evaluate_real(args: argparse.Namespace, settings: Settings) -> int:
     reference = load_reference(args.reference)
     runtime = load_runtime(settings)
     results = evaluate_real(data_dir, settings, reference=reference, runtime=runtime,
-                            centre=args.centre)
+                            centre=args.centre, figures=args.out if args.figures else None)
     summary = summarize(results, model=runtime.describe(), data_dir=data_dir,
                         reference=reference)
     paths = write_report(summary, args.out)
@@ -119,4 +119,7 @@ def register_real(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     parser.add_argument("--centre", choices=("body", "mass"), default="body",
                         help="predicted centre matched to the reference body centres "
                              "(default: body, the anterior part of each level)")
+    parser.add_argument("--figures", action="store_true",
+                        help="also draw each scan's reference and predicted centres on its "
+                             "reformats (<scan>-predicted.png; needs matplotlib)")
     parser.set_defaults(handler=cmd_evaluate_real)

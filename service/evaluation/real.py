@@ -89,6 +89,8 @@ class ScanResult:
     in_view: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float | None = None
+    figure: str | None = None
+    """File name of the drawn reformats with reference and predicted centres, if drawn."""
     error: str | None = None
     """Why the scan could not be evaluated (unloadable, no reference entry, ...)."""
 
@@ -106,15 +108,18 @@ class ScanResult:
             "in_view": self.in_view,
             "warnings": self.warnings,
             "seconds": self.seconds,
+            "figure": self.figure,
             "error": self.error,
         }
 
 
 def evaluate_scan(name: str, paths: Sequence[Path], settings: Settings,
                   reference: dict[str, Any], *, runtime: ModelRuntime | None = None,
-                  centre: str = "body") -> ScanResult:
+                  centre: str = "body", figures: Path | None = None) -> ScanResult:
     """Analyse one scan with the served model and score its levels; failures are recorded
-    in the result, never raised."""
+    in the result, never raised. With ``figures`` (a directory), also draw the reference
+    and predicted centres on the scan's reformats (``<name>-predicted.png``; needs
+    matplotlib, a dev dependency)."""
     from service.inference.pipeline import analyze_paths
 
     result = ScanResult(name=name)
@@ -143,13 +148,23 @@ def evaluate_scan(name: str, paths: Sequence[Path], settings: Settings,
         logger.warning("scan %s not scored: %s", name, exc)
         return result
     result.levels = evaluate_levels(volume, findings, entry, centre=centre)
+    if figures is not None:
+        from service.evaluation.real_figures import draw_scan
+
+        predicted = {k: (v.body_lps if centre == "body" else v.mass_lps)
+                     for k, v in result.levels.predicted.items()}
+        drawn = draw_scan(volume.hu, volume.affine, entry, figures / f"{name}-predicted.png",
+                          title=f"{name}: model {findings.model_name} "
+                                f"{findings.model_version}, {centre} centres",
+                          predicted=predicted, dpi=70)
+        result.figure = drawn.name
     return result
 
 
 def evaluate_real(data_dir: Path, settings: Settings, *,
                   reference: dict[str, Any] | None = None,
                   runtime: ModelRuntime | None = None,
-                  centre: str = "body") -> list[ScanResult]:
+                  centre: str = "body", figures: Path | None = None) -> list[ScanResult]:
     """Every scan of ``data_dir`` through the served model, scored against the reference."""
     from service.inference.runtime import load_runtime
 
@@ -158,7 +173,8 @@ def evaluate_real(data_dir: Path, settings: Settings, *,
         raise FileNotFoundError(f"no scans (folders with {SCAN_SUBDIR}/) under {data_dir}")
     document = reference if reference is not None else load_reference()
     runtime = runtime or load_runtime(settings)
-    return [evaluate_scan(name, paths, settings, document, runtime=runtime, centre=centre)
+    return [evaluate_scan(name, paths, settings, document, runtime=runtime, centre=centre,
+                          figures=figures)
             for name, paths in scans]
 
 
@@ -241,7 +257,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
                     f"| {_fmt(predicted[2] if predicted else None)} | {r['cut'] or ''} |")
             if levels.get("extra"):
                 lines += ["", "Predicted levels the reference does not list: " + ", ".join(
-                    f"{k} (nearest {v})" for k, v in levels["extra"].items())]
+                    f"{k} (nearest {v or 'none'})" for k, v in levels["extra"].items())]
+        if scan.get("figure"):
+            lines += ["", f"![{scan['name']}: reference and predicted centres]({scan['figure']})"]
         lines.append("")
     return "\n".join(lines)
 

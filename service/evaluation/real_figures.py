@@ -106,10 +106,14 @@ def draw_scan(hu: np.ndarray, affine: np.ndarray, entry: dict[str, Any], out: Pa
               title: str | None = None, dpi: int = 80,
               z_range: tuple[float, float] | None = None,
               half_width: float = HALF_WIDTH_MM,
-              window: tuple[float, float] = WINDOW) -> Path:
+              window: tuple[float, float] = WINDOW,
+              predicted: dict[str, tuple[float, float, float]] | None = None) -> Path:
     """Draw one scan's reformats with its reference levels into ``out`` (PNG).
 
     ``z_range`` and ``half_width`` (mm) draw a zoomed view; ``window`` is (width, level) HU.
+    ``predicted`` (name -> LPS centre, e.g. a model's level centres) is drawn in magenta,
+    named on the far side of the reference names; centres outside the panels are listed in
+    the title.
     """
     import matplotlib
 
@@ -158,7 +162,18 @@ def draw_scan(hu: np.ndarray, affine: np.ndarray, entry: dict[str, Any], out: Pa
                             color=colour)
             ax.text(c[axis] - 22 if axis == 1 else c[axis] + 25, c[2], lv["name"],
                     color=colour, fontsize=7, va="center", ha="center")
-    fig.suptitle(title or entry.get("name", ""), fontsize=10)
+        x_lo, x_hi = views[f"{key}_extent"][:2]
+        for name, centre in (predicted or {}).items():
+            if z_lo <= centre[2] <= z_hi and x_lo <= centre[axis] <= x_hi:
+                ax.plot([centre[axis]], [centre[2]], "x", ms=5, mew=1.2, color="magenta")
+                ax.text(centre[axis] + 14 if axis == 1 else centre[axis] - 25, centre[2],
+                        name, color="magenta", fontsize=7, va="center", ha="center")
+    outside = [name for name, c in (predicted or {}).items() if not z_lo <= c[2] <= z_hi]
+    suptitle = title or entry.get("name", "")
+    if predicted is not None:
+        suptitle += "\ncyan/orange +: reference; magenta x: predicted" + (
+            f" (outside the view: {', '.join(outside)})" if outside else "")
+    fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)

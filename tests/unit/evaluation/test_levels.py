@@ -363,3 +363,26 @@ def test_evaluate_scan_scores_a_run_and_records_failures(
     paths = real.write_report(summary, tmp_path / "out")
     assert [p.name for p in paths] == ["report.json", "report.md"]
     assert "not scored: VolumeError" in paths[1].read_text()
+
+
+def test_evaluate_scan_draws_reference_and_predicted_centres(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from service.config import Settings
+    from service.evaluation import real
+    from service.inference import pipeline
+
+    volume = _volume()
+    labels = _label_map(list(VERTEBRAE))
+    volume.hu[...] = np.where(labels > 0, 700, -1000).astype(np.int16)
+    document = {"scans": {volume.series_instance_uid: {
+        "name": "synthetic", "pixel_sha256": lv.pixel_sha256(volume.hu),
+        "levels": _reference()}}}
+    monkeypatch.setattr(pipeline, "analyze_paths",
+                        lambda *a, **k: (volume, _findings(labels)))
+    result = real.evaluate_scan("synthetic", [], Settings(), document,
+                                runtime=object(), figures=tmp_path)  # type: ignore[arg-type]
+    assert result.figure == "synthetic-predicted.png"
+    assert (tmp_path / result.figure).read_bytes()[:4] == b"\x89PNG"
+    text = real.render_markdown(real.summarize([result]))
+    assert "(synthetic-predicted.png)" in text
