@@ -183,7 +183,7 @@ def draw_scan(hu: np.ndarray, affine: np.ndarray, entry: dict[str, Any], out: Pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     from service.config import Settings
-    from service.evaluation.levels import load_reference, reference_for
+    from service.evaluation.levels import LevelReferenceError, load_reference, reference_for
     from service.evaluation.real import default_data_dir, find_scans, load_scan
     from service.inference.findings import VERTEBRAE
 
@@ -203,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, paths in scans:
         volume = load_scan(paths, Settings())
-        entry = reference_for(volume, reference)
+        try:
+            entry = reference_for(volume, reference)
+        except LevelReferenceError as exc:
+            print(f"{name}: skipped: {exc}", file=sys.stderr)
+            continue
         out = draw_scan(volume.hu, volume.affine, entry, args.out / f"{name}-levels.png",
                         title=f"{name}: reference levels (read in this repository)",
                         dpi=args.dpi)
