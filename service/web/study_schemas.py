@@ -57,6 +57,9 @@ class Turnaround(BaseModel):
     stages: list[TimelineStage]
     total_s: float | None
     """Start to the last stage reached (flagged when done)."""
+    from_receipt_s: float | None = None
+    """First image received to the last stage reached: the service's own share (an old
+    study routed today has a total of days, this stays minutes)."""
     band_s: tuple[float, float]
     """The reference band: 3-8 minutes for the commercial product."""
     verdict: str

@@ -137,7 +137,10 @@ def turnaround(series: Series, analysis: Analysis | None,
         verdict = "within"
     else:
         verdict = "slower"
-    return Turnaround(stages=stages, total_s=total, band_s=band_s, verdict=verdict,
+    receipt = series.first_received_at
+    from_receipt = (last - receipt).total_seconds() if last and receipt else None
+    return Turnaround(stages=stages, total_s=total, from_receipt_s=from_receipt,
+                      band_s=band_s, verdict=verdict,
                       start_is_acquisition=series.acquired_at is not None)
 
 
