@@ -27,10 +27,11 @@ level that the model could name (C1..C7):
 ``exact``       a predicted level of that name exists and its centre is nearer to this
                 reference level's centre than to any other reference level's;
 ``off_by_one``  it exists but is nearest to a neighbouring reference level;
-``worse``       it exists but is nearest to a level two or more away, or lies further from
-                every reference centre than that level's spacing to its nearest neighbour
-                (e.g. a "C1" inside the skull is not near any level read, even though C1 is
-                the nearest one): ``nearest_reference`` is then None;
+``worse``       it exists but is nearest to a level two or more away, or it is near no
+                level: further from its nearest reference centre than that reference
+                level is from its own nearest neighbour (e.g. a "C1" inside the skull,
+                although the reference C1 is the nearest level): ``nearest_reference`` is
+                then None;
 ``missing``     the model did not label that level.
 
 Reference levels the model cannot name (T1..., L...) take part only as "other levels": a
@@ -38,7 +39,7 @@ predicted C7 whose centre is nearest to T1 is off by one. The centre error is th
 in mm between the predicted centre and this reference level's centre. Pooled figures:
 fraction exact, median centre error (over levels that were predicted).
 
-numpy and scipy only (no torch, no runtime).
+numpy only (no torch, no model runtime).
 """
 
 from __future__ import annotations
