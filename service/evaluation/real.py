@@ -81,6 +81,9 @@ class ScanResult:
     patient_probability: float | None = None
     patient_suspected: bool | None = None
     patient_threshold: float | None = None
+    model_patient_suspected: bool | None = None
+    """What the classifier alone said at the patient threshold (before any anatomical gate),
+    where the findings carry it."""
     result: str | None = None
     """The analysis answer where the findings carry one (fracture suspected / no fracture
     found / INCONCLUSIVE) and the failed plausibility rules behind an INCONCLUSIVE."""
@@ -102,6 +105,7 @@ class ScanResult:
             "patient_probability": self.patient_probability,
             "patient_suspected": self.patient_suspected,
             "patient_threshold": self.patient_threshold,
+            "model_patient_suspected": self.model_patient_suspected,
             "result": self.result,
             "inconclusive_reasons": self.inconclusive_reasons,
             "suspected_vertebrae": self.suspected_vertebrae,
@@ -135,6 +139,8 @@ def evaluate_scan(name: str, paths: Sequence[Path], settings: Settings,
     result.patient_probability = findings.patient_probability
     result.patient_suspected = findings.patient_suspected
     result.patient_threshold = findings.patient_threshold
+    raw = getattr(findings, "model_patient_suspected", None)
+    result.model_patient_suspected = None if raw is None else bool(raw)
     answer = getattr(findings, "result", None)
     result.result = None if answer is None else str(getattr(answer, "value", answer))
     result.inconclusive_reasons = list(getattr(findings, "inconclusive_reasons", []) or [])
@@ -229,6 +235,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 f"- patient probability {scan['patient_probability']:.3f} (threshold "
                 f"{_fmt(scan['patient_threshold'], '.3f')}), "
                 f"{'suspected' if scan['patient_suspected'] else 'not suspected'}"
+                + ("" if scan.get("model_patient_suspected") is None else
+                   f" (classifier alone: "
+                   f"{'suspected' if scan['model_patient_suspected'] else 'not suspected'})")
                 + (f"; result {scan['result']}" if scan.get("result") else "")
                 + (f" ({', '.join(scan['inconclusive_reasons'])})"
                    if scan.get("inconclusive_reasons") else ""),
