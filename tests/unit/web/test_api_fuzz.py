@@ -29,7 +29,7 @@ def test_api_has_no_server_errors(settings_factory, sqlite_url: str) -> None:  #
     assert len(operations) >= 15
     for operation in operations:
         @given(case=operation.as_strategy())
-        @settings(max_examples=20, deadline=None, database=None,
+        @settings(max_examples=30, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         def run(case: Any) -> None:
             if case.path == "/api/tokens/{token_id}":
