@@ -48,9 +48,12 @@ from service.web.worklist_schemas import (
     WorklistPage,
     WorklistStamp,
 )
-from service.worklist.priority import PRIORITY_ORDER
 
 router = APIRouter(prefix="/api", tags=["worklist"], responses=AUTH_RESPONSES)
+
+PRIORITY_ORDER: tuple[Priority, ...] = tuple(Priority)
+"""The reading order is the enum's declaration order (``service.worklist.priority`` uses the
+same); taken from the table here so the web app imports nothing of the model side."""
 
 
 def _as_utc(value: datetime) -> datetime:
