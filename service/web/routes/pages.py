@@ -55,8 +55,9 @@ def _templates(request: Request) -> Jinja2Templates:
 
 def _safe_next(value: str | None) -> str:
     """Only a path on this site: never ``//host`` or an absolute URL (open redirect)."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
-        return "/"
+    if (not value or not value.startswith("/") or value.startswith("//") or "\\" in value
+            or any(ord(c) < 33 or ord(c) == 127 for c in value)):
+        return "/"  # browsers drop tabs and newlines: "/\t/evil" would become "//evil"
     return value
 
 

@@ -150,6 +150,7 @@ def test_login_redirect_stays_on_this_site(app_url) -> None:  # type: ignore[no-
     make_user(url, "rad")
     with TestClient(app) as client:
         for target, expected in (("//evil.example/x", "/"), ("https://evil.example", "/"),
+                                 ("/\t/evil.example", "/"), ("/\\evil.example", "/"),
                                  (f"/studies/{FRACTURED.uid}", f"/studies/{FRACTURED.uid}")):
             client.cookies.clear()
             response = client.post("/login", data={
