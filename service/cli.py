@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     dicom_cli.register,
     evaluation_cli.register,
+    evaluation_cli.register_real,  # triage evaluate-real
     synthetic_cli.register,
     __import__("service.web.cli", fromlist=["register"]).register,  # triage user, token
 ]

@@ -60,6 +60,20 @@ def text(ds: Dataset, keyword: str, width: int | None = None) -> str | None:
     return result[:width] if width else result
 
 
+def da(ds: Dataset, keyword: str) -> str | None:
+    """A DA attribute as ``YYYYMMDD`` when it is a real calendar date, else ``None``.
+
+    De-identification tools and old archives put hash strings or partial values in dates
+    (the real chest CT in ``../shared/data`` holds a UUID in Study Date): truncating such a
+    value to eight characters would store a date that never was. ``acquisition_time`` falls
+    back to the other date attributes for the turnaround figures.
+    """
+    value = text(ds, keyword)
+    if value is None:
+        return None
+    return value if _fast_date(value) is not None else None
+
+
 def integer(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
@@ -237,10 +251,10 @@ class InstanceHeader:
             images_in_acquisition=integer(ds, "ImagesInAcquisition"),
             patient_id=text(ds, "PatientID", 64),
             patient_name=text(ds, "PatientName", 324),
-            patient_birth_date=text(ds, "PatientBirthDate", 8),
+            patient_birth_date=da(ds, "PatientBirthDate"),
             patient_sex=text(ds, "PatientSex", 16),
             accession_number=text(ds, "AccessionNumber", 64),
-            study_date=text(ds, "StudyDate", 8),
+            study_date=da(ds, "StudyDate"),
             study_time=text(ds, "StudyTime", 32),
             study_description=text(ds, "StudyDescription", 128),
             referring_physician=text(ds, "ReferringPhysicianName", 324),

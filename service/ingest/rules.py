@@ -73,6 +73,15 @@ class RuleSet:
     min_slices: int
     bone_kernel_patterns: tuple[re.Pattern[str], ...]
     source: str = "packaged"
+    analyze_undescribed: bool = True
+    """A series with every keyword field empty (many planning and older scanners' series) is
+    analyzed and the anatomy decides, rather than refused for want of a word: the sender
+    routed it to a cervical-spine service, and a missing header is not a missing neck."""
+    partial_coverage_keywords: tuple[str, ...] = ()
+    """Descriptions of fields of view that often hold part of the cervical spine (chest,
+    trauma pan-scan, head-and-neck): such a series qualifies, and the anatomy the model finds
+    decides (out of scope: ``NO_CERVICAL_SPINE`` / ``TOO_LITTLE_CERVICAL_SPINE``; implausible
+    levels: INCONCLUSIVE), instead of a header word refusing it."""
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], settings: Settings,
@@ -97,6 +106,8 @@ class RuleSet:
             bone_kernel_patterns=tuple(re.compile(str(p), re.IGNORECASE)
                                        for p in data.get("bone_kernel_patterns") or []),
             source=source,
+            partial_coverage_keywords=words("partial_coverage_keywords"),
+            analyze_undescribed=bool(data.get("analyze_undescribed", True)),
         )
 
 
@@ -154,8 +165,19 @@ class SliceInfo:
 
     @property
     def is_derived(self) -> bool:
-        return (len(self.image_type) > 0 and self.image_type[0] == "DERIVED") or \
-            (len(self.image_type) > 1 and self.image_type[1] == "SECONDARY")
+        """A reformat or capture, not an acquired axial stack.
+
+        SECONDARY images are always derived. DERIVED\\PRIMARY is derived only when it is not
+        AXIAL: scanners mark axial reconstructions DERIVED\\PRIMARY\\AXIAL (an extended
+        field-of-view or iterative recon, as on the real Siemens chest series), while their
+        reformats are DERIVED\\PRIMARY\\MPR / REFORMATTED or DERIVED\\SECONDARY.
+        """
+        values = [v.upper() for v in self.image_type]
+        if len(values) > 1 and values[1] == "SECONDARY":
+            return True
+        if values and values[0] == "DERIVED":
+            return not (len(values) > 2 and values[1] == "PRIMARY" and values[2] == "AXIAL")
+        return False
 
 
 def _floats(value: Any, count: int) -> tuple[float, ...] | None:
@@ -328,8 +350,16 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     matched = _keyword_hit(haystack, rules.cervical_keywords)
     metrics["cervical_keyword"] = matched
     if not matched:
-        return _refuse(ReasonCode.NOT_CERVICAL, "no cervical-spine keyword in "
-                       f"{', '.join(rules.keyword_fields)}", metrics)
+        partial = _keyword_hit(haystack, rules.partial_coverage_keywords)
+        if partial:
+            metrics["partial_coverage_keyword"] = partial
+            matched = f"{partial} (may hold part of the cervical spine: the anatomy decides)"
+        elif not haystack.strip() and rules.analyze_undescribed:
+            metrics["undescribed"] = True
+            matched = "none (no description: the anatomy decides)"
+        else:
+            return _refuse(ReasonCode.NOT_CERVICAL, "no cervical-spine keyword in "
+                           f"{', '.join(rules.keyword_fields)}", metrics)
 
     if conflicting:
         return _refuse(ReasonCode.CONFLICTING_DUPLICATES,

@@ -12,10 +12,11 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime, time
 from typing import Any
 
 import highdicom as hd
-from pydicom import Dataset
+from pydicom import Dataset, valuerep
 
 from service import __version__
 from service.imaging.volume import Volume
@@ -91,15 +92,45 @@ class AlgorithmInfo:
         return hd.sr.AlgorithmIdentification(name=self.name, version=self.version)
 
 
+_TEMPORAL = {"DA": valuerep.DA, "DT": valuerep.DT, "TM": valuerep.TM}
+
+
+def _invalid_temporal(dataset: Dataset) -> list[str]:
+    """Keywords of top-level DA/DT/TM attributes whose value is no date or time.
+
+    De-identification by hashing puts UUIDs in Patient Birth Date, Study Date and Content
+    Date (the real chest CT in ``../shared/data``); highdicom copies patient and study
+    attributes into the SR and SEG and refuses such a value, which would fail the analysis
+    after the model has run. They are written empty (all are Type 2 or optional there).
+    """
+    bad: list[str] = []
+    for element in dataset:
+        if element.VR not in _TEMPORAL or element.value in (None, ""):
+            continue
+        values = element.value if element.VM > 1 else [element.value]
+        try:
+            for value in values:
+                if not isinstance(value, date | time | datetime):
+                    _TEMPORAL[element.VR](str(value))
+        except (ValueError, TypeError, OverflowError):
+            bad.append(element.keyword)
+    return bad
+
+
 def complete_type2(dataset: Dataset) -> Dataset:
-    """``dataset`` itself when it has every Type 2 attribute highdicom reads, else a copy
-    with the missing ones present and empty."""
+    """``dataset`` itself when it has every Type 2 attribute highdicom reads and only valid
+    dates and times, else a copy with the missing ones present and empty and the unreadable
+    dates and times emptied (:func:`_invalid_temporal`)."""
     missing = [kw for kw in _TYPE2_FROM_SOURCE if kw not in dataset]
-    if not missing:
+    invalid = _invalid_temporal(dataset)
+    if not missing and not invalid:
         return dataset
     patched = copy.deepcopy(dataset)
-    for keyword in missing:
+    for keyword in missing + invalid:
         setattr(patched, keyword, "")
+    if invalid:
+        logger.debug("source %s: unreadable %s emptied in the result objects",
+                       dataset.get("SOPInstanceUID"), ", ".join(invalid))
     return patched
 
 

@@ -24,6 +24,7 @@ from pydicom.uid import UID, JPEG2000Lossless
 from service.config import SegFormat
 from service.imaging.volume import Volume
 from service.inference.findings import VERTEBRAE, Findings
+from service.outcomes import AnalysisResult
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError, source_images
 from service.results.uids import ObjectKind
@@ -34,6 +35,12 @@ SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "AI cervical vertebrae (research, not for diagnosis)"
 SEG_CONTENT_LABEL = "CSPINE_VERTEBRAE"
 SEG_CONTENT_DESCRIPTION = "Cervical vertebrae C1-C7, automatic (research software)"
+SEG_SERIES_DESCRIPTION_INCONCLUSIVE = "AI vertebrae NOT PLAUSIBLE: review only (research)"
+"""An INCONCLUSIVE analysis still sends its SEG: the radiologist (and the site's admin) can see
+in the PACS what the model found and why the gate refused it (a "C5" running down the
+thoracic spine); the series description and the per-segment labels say the levels are not
+vouched for, so nobody reads them as anatomy. The SR carries the answer."""
+UNVERIFIED_SUFFIX = " (not plausible)"
 
 # Segment display colours (CIELab is derived by highdicom); one per vertebra, colour-blind safe.
 _VERTEBRA_RGB: dict[str, tuple[int, int, int]] = {
@@ -124,10 +131,12 @@ def build_segmentation(
         pixel_array = segments
 
     algorithm_id = algorithm.segmentation_algorithm()
+    plausible = {v.vertebra: v.plausible for v in findings.vertebrae}
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=f"{vertebra} vertebra",
+            segment_label=f"{vertebra} vertebra" + (
+                UNVERIFIED_SUFFIX if plausible.get(vertebra) is False else ""),
             segmented_property_category=codes.ANATOMICAL_STRUCTURE,
             segmented_property_type=codes.vertebra_code(vertebra),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -161,7 +170,9 @@ def build_segmentation(
         device_serial_number=algorithm.version,
         content_label=SEG_CONTENT_LABEL,
         content_description=SEG_CONTENT_DESCRIPTION,
-        series_description=SEG_SERIES_DESCRIPTION,
+        series_description=(SEG_SERIES_DESCRIPTION_INCONCLUSIVE
+                            if findings.result is AnalysisResult.INCONCLUSIVE
+                            else SEG_SERIES_DESCRIPTION),
         transfer_syntax_uid=transfer_syntax_uid,
         omit_empty_frames=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,7 @@ def test_reason_codes(settings: Settings) -> None:
         (SeriesSpec(sop_class_uid=SecondaryCaptureImageStorage), ReasonCode.UNSUPPORTED_SOP_CLASS),
         (SeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), ReasonCode.LOCALIZER),
         (SeriesSpec(image_type=("DERIVED", "SECONDARY", "AXIAL")), ReasonCode.DERIVED_IMAGE),
+        (SeriesSpec(image_type=("DERIVED", "PRIMARY", "MPR")), ReasonCode.DERIVED_IMAGE),
         (SeriesSpec(description="TOPOGRAM 0.6 T20f"), ReasonCode.EXCLUDED_DESCRIPTION),
         (SeriesSpec(body_part="HEAD", description="BRAIN 5mm", study_description="CT HEAD"),
          ReasonCode.NOT_CERVICAL),
@@ -183,9 +185,47 @@ def test_real_scanner_series_is_decided_with_a_reason(real_ct_dir: Path,
 
     datasets = [dcmread(p, stop_before_pixels=True) for p in sorted(real_ct_dir.glob("*.dcm"))]
     decision = evaluate(datasets, load_rules(settings))
-    # A head-and-neck planning CT with no descriptions: refused, with a reason, never a crash.
-    assert decision.reason is ReasonCode.NOT_CERVICAL
-    assert decision.metrics["modality"] == "CT"
+    # A head-and-neck planning CT with no descriptions at all: analyzed, the anatomy decides
+    # (a missing header is not a missing neck); with the option off, refused with a reason.
+    assert decision.qualified, decision.detail
+    assert decision.metrics["undescribed"] is True and decision.metrics["modality"] == "CT"
+    assert "the anatomy decides" in decision.detail
+    strict = dataclasses.replace(load_rules(settings), analyze_undescribed=False)
+    assert evaluate(datasets, strict).reason is ReasonCode.NOT_CERVICAL
+
+
+def test_the_real_chest_ct_is_decided_by_the_anatomy(real_chest_ct_dir: Path,
+                                                    settings: Settings) -> None:
+    """Body Part CHEST, 'RT^RT_Thorax (Adult)', 4 mm slices: a field of view that holds the
+    lower neck. It qualifies on its description where slices of 4 mm are allowed; with the
+    default 3 mm limit it is refused for its slices, not for its words."""
+    from pydicom import dcmread
+
+    datasets = [dcmread(p, stop_before_pixels=True) for p in sorted(real_chest_ct_dir.iterdir())]
+    decision = evaluate(datasets, load_rules(settings))
+    assert decision.reason is ReasonCode.SLICE_TOO_THICK
+    assert decision.metrics["partial_coverage_keyword"] == "CHEST"
+    wide = Settings(data_dir=settings.data_dir, min_slices=20, max_slice_thickness_mm=5.0)
+    decision = evaluate(datasets, load_rules(wide))
+    assert decision.qualified, decision.detail
+    assert decision.metrics["thickness_mm"] == 4.0
+
+
+def test_a_derived_primary_axial_reconstruction_is_an_axial_stack(settings: Settings) -> None:
+    spec = SeriesSpec(slices=30, image_type=("DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI"))
+    decision = decide(spec, settings)
+    assert decision.qualified, decision.detail
+    assert decision.metrics["derived_skipped"] == 0
+
+
+def test_partial_coverage_descriptions_qualify_and_can_be_switched_off(
+        settings: Settings) -> None:
+    chest = SeriesSpec(slices=30, body_part="CHEST", description="Thorax 1.0 B60f",
+                       study_description="CT THORAX")
+    decision = decide(chest, settings)
+    assert decision.qualified and decision.metrics["partial_coverage_keyword"] == "CHEST"
+    strict = dataclasses.replace(load_rules(settings), partial_coverage_keywords=())
+    assert evaluate(series(chest), strict).reason is ReasonCode.NOT_CERVICAL
 
 
 @pytest.mark.parametrize("variant", range(7))

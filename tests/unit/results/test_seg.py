@@ -204,3 +204,25 @@ def test_resampled_volume_gets_its_own_plane_positions(tmp_path: Path) -> None:
     path = tmp_path / "seg.dcm"
     result.dataset.save_as(path)
     assert dciodvfy(path).errors == []
+
+
+def test_an_inconclusive_seg_says_its_levels_are_not_plausible(case: SyntheticCase,
+                                                               tmp_path: Path) -> None:
+    import dataclasses
+
+    from service.outcomes import AnalysisResult
+
+    vertebrae = [dataclasses.replace(v, plausible=v.vertebra != "C3") if v.in_view else v
+                 for v in case.findings.vertebrae]
+    findings = dataclasses.replace(case.findings, vertebrae=vertebrae,
+                                   result=AnalysisResult.INCONCLUSIVE)
+    result = build_segmentation(case.volume, findings, uid_root=ROOT, algorithm=ALGORITHM)
+    assert result is not None
+    path = tmp_path / "seg.dcm"
+    result.dataset.save_as(path)
+    report = dciodvfy(path)
+    assert report.errors == [] and report.warnings == [], report.output
+    seg = _roundtrip(result.dataset)
+    assert seg.SeriesDescription == "AI vertebrae NOT PLAUSIBLE: review only (research)"
+    labels = {d.segment_label for d in seg.SegmentSequence}
+    assert "C3 vertebra (not plausible)" in labels and "C2 vertebra" in labels

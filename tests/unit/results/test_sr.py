@@ -262,3 +262,23 @@ def test_inconclusive_is_indeterminate_with_the_failed_rules(case: SyntheticCase
                          if item.ValueType == "TEXT" and item.name == codes.COMMENT]
     assert vertebra_comments == [
         "Not vouched for by the anatomical plausibility gate: LEVELS_OUT_OF_ORDER"] * 6
+
+
+def test_hashed_dates_in_the_source_do_not_stop_the_results(tmp_path: Path) -> None:
+    """De-identification by hashing (the real chest CT): UUIDs in Patient Birth Date, Study
+    Date and Content Date. highdicom would refuse to copy them; they are written empty."""
+    case = make_case(20, 32, 32, suspected={"C2": 0.9})
+    for ds in case.volume.headers:
+        ds.PatientBirthDate = "ba6d74f4-8a35-38e8-b696-a8cb0d0d87f4"
+        ds.StudyDate = "61d6b371-5759-36d4-a66b-402c0333d1a9"
+        ds.ContentDate = "61d6b371-5759-36d4-a66b-402c0333d1a9"
+    segmentation = build_segmentation(case.volume, case.findings, uid_root=ROOT,
+                                      algorithm=ALGORITHM)
+    assert segmentation is not None
+    sr = build_report(case.volume, case.findings, uid_root=ROOT, algorithm=ALGORITHM,
+                      segmentation=segmentation)
+    assert sr.PatientBirthDate == "" and sr.StudyDate == ""
+    assert segmentation.dataset.PatientBirthDate == ""
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    assert dciodvfy(path).errors == []

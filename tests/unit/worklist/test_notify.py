@@ -87,6 +87,29 @@ def test_oru_is_well_formed_and_coded() -> None:
     assert str(obx[2][5]) == "STAT"
 
 
+def test_an_inconclusive_result_is_indeterminate_not_absent() -> None:
+    import dataclasses
+
+    from service.worklist.notify import webhook_payload
+
+    note = dataclasses.replace(
+        NOTE, priority="INCONCLUSIVE", patient_suspected=False, suspected_vertebrae=[],
+        reason="inconclusive, not cleared: anatomy not plausible (LEVELS_OUT_OF_ORDER)",
+        result="INCONCLUSIVE", inconclusive_reasons=["LEVELS_OUT_OF_ORDER",
+                                                     "LEVEL_EXTENT_OUT_OF_RANGE:C5"])
+    message = hl7.parse(build_oru(note, control_id="43"))
+    obx = {str(s[3]).split("^")[0]: str(s[5]) for s in message.segments("OBX")}
+    assert obx["72704001"].startswith("82334004^Indeterminate^SCT")
+    assert obx["RESULT"] == "INCONCLUSIVE"
+    assert obx["REASONS"] == "LEVELS_OUT_OF_ORDER, LEVEL_EXTENT_OUT_OF_RANGE:C5"
+    assert obx["PRIORITY"] == "INCONCLUSIVE"
+    payload = webhook_payload(note)
+    assert payload["event"] == "study.inconclusive" and payload["result"] == "INCONCLUSIVE"
+    assert payload["fracture_suspected"] is False
+    assert payload["inconclusive_reasons"] == note.inconclusive_reasons
+    assert webhook_payload(NOTE)["event"] == "study.flagged"
+
+
 def test_mllp_delivery_and_nack(mllp_peer: MllpPeer) -> None:
     ack = send_mllp("127.0.0.1", mllp_peer.port, build_oru(NOTE, control_id="7"), timeout_s=5)
     assert "MSA|AA|7" in ack

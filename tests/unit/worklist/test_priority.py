@@ -29,6 +29,31 @@ def test_default_policy_stat_routine_not_analyzed() -> None:
     assert "GANTRY_TILT" in not_analyzed.reason
 
 
+def test_inconclusive_is_its_own_priority_and_never_stat() -> None:
+    import dataclasses
+
+    from service.outcomes import AnalysisResult
+
+    policy = PriorityPolicy.from_settings(Settings(priority_urgent_probability=0.3))
+    case = make_case(20, 16, 16, suspected={"C4": 0.99}).findings
+    vertebrae = [dataclasses.replace(v, suspected=False, plausible=False,
+                                     plausibility_reasons=("LEVELS_OUT_OF_ORDER",))
+                 if v.in_view else v for v in case.vertebrae]
+    inconclusive = dataclasses.replace(
+        case, vertebrae=vertebrae, patient_suspected=False, result=AnalysisResult.INCONCLUSIVE,
+        anatomy={"failures": [{"code": "LEVELS_OUT_OF_ORDER", "level": None, "detail": "x"},
+                              {"code": "LEVEL_EXTENT_OUT_OF_RANGE", "level": "C5",
+                               "detail": "y"}]})
+    decision = policy.decide(inconclusive)
+    # Neither STAT (the classifier said 0.99) nor URGENT (above 0.3) nor ROUTINE (cleared).
+    assert decision.priority is Priority.INCONCLUSIVE
+    assert decision.reason == ("inconclusive, not cleared: anatomy not plausible "
+                               "(LEVELS_OUT_OF_ORDER, LEVEL_EXTENT_OUT_OF_RANGE:C5)")
+    order = list(Priority)
+    assert order.index(Priority.URGENT) < order.index(Priority.INCONCLUSIVE) \
+        < order.index(Priority.ROUTINE)
+
+
 def test_configurable_policy() -> None:
     settings = Settings(priority_when_suspected="urgent", priority_urgent_probability=0.3)
     policy = PriorityPolicy.from_settings(settings)
