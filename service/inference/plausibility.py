@@ -21,15 +21,16 @@ because the population is every adult who gets a neck CT. Sources:
 * [Panjabi 1991] Panjabi MM, Duranceau J, Goel V, Oxland T, Takata K. Cervical human
   vertebrae: quantitative three-dimensional anatomy of the middle and lower regions.
   Spine 1991;16(8):861-869. C3-C7 vertebral body height about 11-15 mm, upper endplate width
-  15-20 mm and depth 15-17 mm; articular pillars (superior to inferior facet tips) about
-  1.3-1.6 times the body height.
+  15-20 mm and depth 15-17 mm. The articular pillars and the sloping spinous process extend
+  the whole vertebra beyond its body height; the factor 1.3-1.6 used below is this module's
+  estimate, not a tabulated value.
 * [Doherty 1995] Doherty BJ, Heggeness MH. Quantitative anatomy of the second cervical
   vertebra. Spine 1995;20(5):513-517. C2 height, dens tip to inferior endplate, about
   35-45 mm (mean near 40 mm).
 * [Gilad 1986] Gilad I, Nissan M. A study of vertebra and disc geometric relations of the
   human cervical and lumbar spine. Spine 1986;11(2):154-157. Cervical disc height about
   4-6 mm; vertebral body plus disc (the centre-to-centre step) about 15-22 mm.
-* [Doherty 1993] Doherty BJ, Heggeness MH. The quantitative anatomy of the atlas.
+* [Doherty 1994] Doherty BJ, Heggeness MH. The quantitative anatomy of the atlas.
   Spine 1994;19(22):2497-2500. C1 height (anterior arch / lateral mass) about 10-20 mm.
 * Whole-vertebra volumes are not tabulated in these sources; the range is derived from
   their linear dimensions (body: elliptic cylinder of 15-20 x 15-17 x 11-15 mm, 2-4 cm3;
@@ -37,8 +38,13 @@ because the population is every adult who gets a neck CT. Sources:
 * Bone density: trabecular bone of adult cervical bodies is 150-400 HU on CT, cortex far
   above; osteoporotic bodies fall towards 100 HU. A segmented level must hold bone.
 
-Every range is a module constant, so the dashboard, the SR and this docstring cite the same
-numbers; the tests in ``tests/unit/inference/test_plausibility.py`` build label maps that
+The published figures above are quoted from the cited papers as approximate adult ranges
+(checked against the originals is still to be done: see the closing note of issue 16); the
+margins are this module's. The margins were set once and then three were widened after seeing
+the first phantoms of the held-out synthetic sets (fragment size, C2-C3 overlap, C7 extent;
+the reasons are beside them). Every range is a module constant, so the dashboard, the SR and
+``python -m service.inference.plausibility`` (the table in ``docs/anatomy-gate.md``) cite the
+same numbers; the tests in ``tests/unit/inference/test_plausibility.py`` build label maps that
 break each rule on purpose.
 """
 
@@ -108,8 +114,8 @@ EXTENT_MM: dict[str, Range] = {
     "C1": Range(5.0, 32.0, "mm", "Doherty 1994: atlas height 10-20 mm; margin -50 %/+60 %"),
     "C2": Range(18.0, 62.0, "mm", "Doherty 1995: C2 height 35-45 mm; margin -50 %/+40 %"),
     **{name: Range(9.0, 40.0, "mm",
-                   "Panjabi 1991: body 11-15 mm, pillars 1.3-1.6x body (15-24 mm); "
-                   "margin -40 %/+65 %")
+                   "Panjabi 1991: body 11-15 mm; with pillars and spinous process "
+                   "(estimate 1.3-1.6x body) 15-24 mm; margin -40 %/+65 %")
        for name in ("C3", "C4", "C5", "C6")},
     "C7": Range(9.0, 45.0, "mm", "Panjabi 1991 as C3-C6; C7's spinous process (vertebra "
                                  "prominens) is the longest and slopes down over T1: +5 mm"),
@@ -508,3 +514,50 @@ def _axis_point(centre: np.ndarray, axis: np.ndarray, k: int, position_mm: float
     if abs(axis[k]) < 1e-6:
         return np.asarray(centre, dtype=np.float64)
     return np.asarray(centre + (position_mm - centre[k]) / axis[k] * axis)
+
+
+def rules_markdown() -> str:
+    """The rules, their allowed ranges and sources as a Markdown table (for the docs and the
+    dashboard: generated from the constants above, so it cannot drift from the code)."""
+    rows = ["| code | applies to | allowed | source / reason |", "|---|---|---|---|"]
+
+    def fmt(r: Range) -> str:
+        low = "" if r.low is None else f"{r.low:g}"
+        high = "" if r.high is None else f"{r.high:g}"
+        return f"{low} to {high} {r.unit}"
+
+    for name, r in EXTENT_MM.items():
+        rows.append(f"| LEVEL_EXTENT_OUT_OF_RANGE | {name} craniocaudal extent | {fmt(r)} | "
+                    f"{r.source} |")
+    for name, r in VOLUME_MM3.items():
+        rows.append(f"| LEVEL_VOLUME_OUT_OF_RANGE | {name} volume | {fmt(r)} | {r.source} |")
+    for (a, b), r in SPACING_MM.items():
+        rows.append(f"| LEVEL_SPACING_OUT_OF_RANGE | {a}-{b} centre to centre | {fmt(r)} | "
+                    f"{r.source} |")
+    for (a, b), tolerance in OVERLAP_TOLERANCE_MM.items():
+        rows.append(f"| LEVELS_OVERLAP | {a}-{b} overlap along the axis | up to "
+                    f"{tolerance:g} mm | facet joints; the dens within the atlas for C1-C2 |")
+    rows += [
+        f"| LEVEL_FRAGMENTED | a second piece of one level | under {FRAGMENT_MIN_MM3:g} mm3 or "
+        f"under {FRAGMENT_MIN_FRACTION:.0%} of the main piece | two comparable candidates: "
+        "which is the vertebra? |",
+        f"| LEVEL_NOT_BONE | mask at or above {BONE_HU:g} HU | at least "
+        f"{MIN_BONE_FRACTION:.0%} | trabecular bone 150-400 HU |",
+        "| LEVELS_OUT_OF_ORDER | level centres along the spine's own axis | C1, C2, ... head "
+        "to foot | anatomy |",
+        "| LEVEL_SEQUENCE_GAP | levels between the first and last in view | none missing | "
+        "anatomy |",
+        f"| COLUMN_DISCONTINUOUS | free space between neighbours / offset across the axis | "
+        f"up to {MAX_AXIAL_GAP_MM:g} mm / {MAX_LATERAL_STEP_MM:g} mm | disc 4-6 mm "
+        "[Gilad 1986]; listhesis of a few mm |",
+        f"| COLUMN_NOT_CRANIOCAUDAL | column axis from the head-foot axis | up to "
+        f"{MAX_AXIS_TILT_DEG:g} deg | an axial neck CT |",
+        f"| C1_NOT_UNDER_SKULL_BASE | C1's top below the skull base (where in view) | "
+        f"{fmt(C1_TO_SKULL_BASE_MM)}; another top level within "
+        f"{TOP_LEVEL_TO_SKULL_BASE_MM:g} mm of it fails | {C1_TO_SKULL_BASE_MM.source} |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(rules_markdown(), end="")

@@ -246,3 +246,13 @@ def test_report_as_stored() -> None:
     (failure,) = stored["failures"]  # type: ignore[misc]
     assert failure["code"] == "LEVEL_NOT_BONE" and failure["level"] == "C3"
     assert failure["allowed"] == [0.3, None] and failure["unit"] == "fraction"
+
+
+def test_the_docs_hold_the_rules_as_the_code_has_them() -> None:
+    from pathlib import Path
+
+    from service.inference.plausibility import rules_markdown
+
+    page = Path(__file__).resolve().parents[3] / "docs" / "anatomy-gate.md"
+    assert rules_markdown() in page.read_text(), \
+        "regenerate the table: python -m service.inference.plausibility"
