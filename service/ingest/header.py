@@ -74,6 +74,11 @@ def da(ds: Dataset, keyword: str) -> str | None:
     return value if _fast_date(value) is not None else None
 
 
+def _sex(value: str | None) -> str | None:
+    """Patient's Sex as the standard's M, F or O; anything else (a hash) is unknown."""
+    return value if value in ("M", "F", "O") else None
+
+
 def integer(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
@@ -252,7 +257,7 @@ class InstanceHeader:
             patient_id=text(ds, "PatientID", 64),
             patient_name=text(ds, "PatientName", 324),
             patient_birth_date=da(ds, "PatientBirthDate"),
-            patient_sex=text(ds, "PatientSex", 16),
+            patient_sex=_sex(text(ds, "PatientSex")),
             accession_number=text(ds, "AccessionNumber", 64),
             study_date=da(ds, "StudyDate"),
             study_time=text(ds, "StudyTime", 32),

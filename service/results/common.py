@@ -117,12 +117,24 @@ def _invalid_temporal(dataset: Dataset) -> list[str]:
     return bad
 
 
+_ENUMERATED = {"PatientSex": {"M", "F", "O"}}
+"""Attributes highdicom checks against their enumerated values when it copies them."""
+
+
+def _invalid_enumerated(dataset: Dataset) -> list[str]:
+    """Keywords of copied attributes whose value is none of the standard's (a hash in
+    Patient's Sex, as the de-identified real chest CT has)."""
+    return [keyword for keyword, allowed in _ENUMERATED.items()
+            if dataset.get(keyword) not in (None, "") and str(dataset.get(keyword)) not in allowed]
+
+
 def complete_type2(dataset: Dataset) -> Dataset:
     """``dataset`` itself when it has every Type 2 attribute highdicom reads and only valid
     dates and times, else a copy with the missing ones present and empty and the unreadable
-    dates and times emptied (:func:`_invalid_temporal`)."""
+    dates, times and enumerated values emptied (:func:`_invalid_temporal`,
+    :func:`_invalid_enumerated`)."""
     missing = [kw for kw in _TYPE2_FROM_SOURCE if kw not in dataset]
-    invalid = _invalid_temporal(dataset)
+    invalid = _invalid_temporal(dataset) + _invalid_enumerated(dataset)
     if not missing and not invalid:
         return dataset
     patched = copy.deepcopy(dataset)

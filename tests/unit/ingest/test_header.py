@@ -22,10 +22,12 @@ def _ds(**values: str) -> Dataset:
 def test_a_hash_in_a_date_is_no_date() -> None:
     ds = _ds(StudyDate="61d6b371-5759-36d4-a66b-402c0333d1a9", StudyTime="153256.843000",
              SeriesDate="20170811", SeriesTime="153824.967000",
-             PatientBirthDate="ba6d74f4-8a35-38e8-b696-a8cb0d0d87f4")
+             PatientBirthDate="ba6d74f4-8a35-38e8-b696-a8cb0d0d87f4",
+             PatientSex="64a6a8cd-c69c-3874-890c-3cb1ac7009e0")
     header = InstanceHeader.from_dataset(ds)
     # Not "61d6b371": a truncated hash is not a date.
     assert header.study_date is None and header.patient_birth_date is None
+    assert header.patient_sex is None
     # The acquisition time falls back to the series date and time.
     assert header.acquired_at == datetime(2017, 8, 11, 15, 38, 24, 967000, tzinfo=UTC)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pytest
 from pydicom import dcmread
 
 from service.imaging.volume import Volume
@@ -22,19 +23,27 @@ from tests.unit.results.dicom_tools import dciodvfy
 ROOT = "1.2.826.0.1.3680043.10.1455."
 
 
-def test_real_headers_make_valid_seg_and_sr(real_ct_dir: Path, tmp_path: Path) -> None:
-    headers = [dcmread(p, stop_before_pixels=True) for p in sorted(real_ct_dir.glob("*.dcm"))]
+@pytest.mark.parametrize("scan", ["real_ct_dir", "real_chest_ct_dir"])
+def test_real_headers_make_valid_seg_and_sr(scan: str, request: pytest.FixtureRequest,
+                                            tmp_path: Path) -> None:
+    """Both scanners' headers, including the chest CT's de-identification by hashing (UUIDs
+    in Patient's Birth Date, Sex, Study and Content Date), give valid SEG and SR."""
+    directory: Path = request.getfixturevalue(scan)
+    headers = [dcmread(p, stop_before_pixels=True)
+               for p in sorted(q for q in directory.iterdir() if q.is_file())]
     headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
     first = headers[0]
     n, rows, cols = len(headers), int(first.Rows), int(first.Columns)
     spacing_z = float(headers[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
     affine = np.eye(4)
     affine[:3, 0] = [0, 0, spacing_z]
-    affine[:3, 1] = [0, float(first.PixelSpacing[0]), 0]
-    affine[:3, 2] = [float(first.PixelSpacing[1]), 0, 0]
+    affine[:3, 1] = [0, row_mm, 0]
+    affine[:3, 2] = [col_mm, 0, 0]
     affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
     volume = Volume(
-        hu=np.zeros((n, rows, cols), np.int16), spacing=(spacing_z, 1.0, 1.0), affine=affine,
+        hu=np.zeros((n, rows, cols), np.int16), spacing=(spacing_z, row_mm, col_mm),
+        affine=affine,
         sop_instance_uids=[str(ds.SOPInstanceUID) for ds in headers],
         frame_numbers=[None] * n, headers=headers,
         study_instance_uid=str(first.StudyInstanceUID),

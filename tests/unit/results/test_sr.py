@@ -272,12 +272,13 @@ def test_hashed_dates_in_the_source_do_not_stop_the_results(tmp_path: Path) -> N
         ds.PatientBirthDate = "ba6d74f4-8a35-38e8-b696-a8cb0d0d87f4"
         ds.StudyDate = "61d6b371-5759-36d4-a66b-402c0333d1a9"
         ds.ContentDate = "61d6b371-5759-36d4-a66b-402c0333d1a9"
+        ds.PatientSex = "64a6a8cd-c69c-38"
     segmentation = build_segmentation(case.volume, case.findings, uid_root=ROOT,
                                       algorithm=ALGORITHM)
     assert segmentation is not None
     sr = build_report(case.volume, case.findings, uid_root=ROOT, algorithm=ALGORITHM,
                       segmentation=segmentation)
-    assert sr.PatientBirthDate == "" and sr.StudyDate == ""
+    assert sr.PatientBirthDate == "" and sr.StudyDate == "" and sr.PatientSex == ""
     assert segmentation.dataset.PatientBirthDate == ""
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
