@@ -484,16 +484,20 @@ def _site(roi: _Roi, geo: LevelGeometry, spec: PlantSpec) -> _Site:
             def region(pts: np.ndarray) -> np.ndarray:
                 lat = s * (pts[..., 0] - c[0])
                 hpt = geo.h(pts)
-                return np.asarray((lat >= max(geo.half_width, cw) + 5.0)
+                # Lateral to the body, not behind it: the articular pillars (lateral masses)
+                # lie further back, beside the canal.
+                return np.asarray((lat >= max(geo.half_width, cw) + 4.0)
                                   & (lat <= max(geo.half_width, cw) + 22.0)
-                                  & (pts[..., 1] >= c[1] - 10.0) & (pts[..., 1] <= cc[1])
+                                  & (pts[..., 1] >= c[1] - 10.0)
+                                  & (pts[..., 1] <= geo.posterior_y + 1.0)
                                   & (hpt >= -1.0) & (hpt <= H + 1.0))
             nominal, preferred, radius = np.array([s * 1.0, 0.0, 0.0]), \
                 np.array([0.0, 0.0, -1.0]), 7.0
             what = f"{spec.side} transverse process"
             edge = max(geo.half_width, cw)
-            lo = np.array([c[0] + min(s * (edge + 3), s * (edge + 24)), c[1] - 12, 0.0])
-            hi = np.array([c[0] + max(s * (edge + 3), s * (edge + 24)), cc[1] + 2, 0.0])
+            lo = np.array([c[0] + min(s * (edge + 2), s * (edge + 24)), c[1] - 12, 0.0])
+            hi = np.array([c[0] + max(s * (edge + 2), s * (edge + 24)), geo.posterior_y + 3,
+                           0.0])
         inside = region(p) & bone
         point0 = _centroid(p, inside, f"{what} of {geo.name}")
         if kind == FractureKind.TRANSVERSE:

@@ -63,14 +63,22 @@ def _window(hu: np.ndarray) -> np.ndarray:
 
 
 def draw_plant(original: np.ndarray, planted: np.ndarray, affine: np.ndarray,
-               result: PlantResult, path: Path, title: str) -> Path:
-    """Axial and sagittal views through ``result``'s point, original | planted; PNG."""
+               result: PlantResult, path: Path, title: str,
+               centre_lps: Sequence[float] | None = None) -> Path:
+    """Axial and sagittal views through ``result``'s point, original | planted; PNG.
+
+    The crop is centred on ``centre_lps`` in plane (the level's body centre: the anatomy
+    around the site stays in view) or on the fracture point; a yellow arrow points at the
+    fracture point on every panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     index = np.linalg.solve(affine[:3, :3], np.asarray(result.point_lps) - affine[:3, 3])
+    middle = index if centre_lps is None else np.linalg.solve(
+        affine[:3, :3], np.asarray(centre_lps, dtype=np.float64) - affine[:3, 3])
     # Pick the slice with the most changed voxels near the point: the line is easiest seen.
     z = int(np.clip(round(index[0]), 0, original.shape[0] - 1))
     if result.slices:
@@ -78,13 +86,14 @@ def draw_plant(original: np.ndarray, planted: np.ndarray, affine: np.ndarray,
         counts = {k: int(changed[k].sum()) for k in result.slices}
         z = max(counts, key=lambda k: (counts[k], -abs(k - index[0])))
     col = int(np.clip(round(index[2]), 0, original.shape[2] - 1))
-    row = int(np.clip(round(index[1]), 0, original.shape[1] - 1))
+    row = int(np.clip(round(middle[1]), 0, original.shape[1] - 1))
+    mid_col = int(np.clip(round(middle[2]), 0, original.shape[2] - 1))
     dz = float(np.linalg.norm(affine[:3, 0]))
     dy = float(np.linalg.norm(affine[:3, 1]))
     dx = float(np.linalg.norm(affine[:3, 2]))
     half_r, half_c = int(CROP_MM / dy), int(CROP_MM / dx)
     r0, r1 = max(row - half_r, 0), min(row + half_r, original.shape[1])
-    c0, c1 = max(col - half_c, 0), min(col + half_c, original.shape[2])
+    c0, c1 = max(mid_col - half_c, 0), min(mid_col + half_c, original.shape[2])
     half_z = int(CROP_MM / dz)
     z0, z1 = max(int(round(index[0])) - half_z, 0), min(int(round(index[0])) + half_z + 1,
                                                         original.shape[0])
@@ -104,6 +113,12 @@ def draw_plant(original: np.ndarray, planted: np.ndarray, affine: np.ndarray,
         axes[1, column].set_title(f"{label}: sagittal at column {col}", fontsize=9)
         zi = z - z0 if not superior_up else (z1 - 1 - z)
         axes[1, column].axhline(zi, color="#3aa0ff", lw=0.6, alpha=0.6)
+        zp = index[0] - z0 if not superior_up else (z1 - 1 - index[0])
+        for ax, (px, py), (sx, sy) in (
+                (axes[0, column], (index[2] - c0, index[1] - r0), (dx, dy)),
+                (axes[1, column], (index[1] - r0, zp), (dy, dz))):
+            ax.annotate("", xy=(px, py), xytext=(px + 9 / sx, py - 9 / sy),
+                        arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 0.9})
         for ax in axes[:, column]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -146,8 +161,9 @@ def draw_showcase(data: Path, out: Path,
             logger.warning("%s %s: %s", name, spec.kind, exc)
             continue
         path = out / f"planted-{name}-{spec.level}-{spec.kind}.png"
+        centre = {e["name"]: e for e in scan.reference_levels}[spec.level]["centre_lps"]
         written.append(draw_plant(scan.hu, planted, scan.affine, result, path,
-                                  _describe(scan, spec)))
+                                  _describe(scan, spec), centre_lps=centre))
     return written
 
 
