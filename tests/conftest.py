@@ -21,7 +21,11 @@ from service.db import migrate
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = os.environ.get("TEST_REDIS_URL",
+                           f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
+"""One Redis database per test session (1..15 by process ID): two suites running at once on
+one machine (a developer's and CI's, or two helpers') would otherwise flush each other's
+queues and their workers would take each other's tasks."""
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_CT_DIR = Path(os.environ.get("TEST_REAL_CT_DIR",
                                   SHARED_DATA / "real-ct-head-neck" / "ct"))
