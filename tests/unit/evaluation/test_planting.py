@@ -40,8 +40,9 @@ def _affine(dz: float) -> np.ndarray:
     return affine
 
 
-def _phantom(dz: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(hu int16 (z, y, x), affine). Thick slices average the fine-grid anatomy."""
+def _phantom(dz: float = 1.0, *, dens: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(hu int16 (z, y, x), affine). Thick slices average the fine-grid anatomy. ``dens``:
+    a C2-like peg (radius 5 mm) on the body up to z 38 mm."""
     fine_dz = 0.25
     depth_mm = 42.0
     # Slice k covers z (k - 1/2) dz .. (k + 1/2) dz (its centre at k dz, as the affine says).
@@ -64,6 +65,11 @@ def _phantom(dz: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         fine[k][body] = CORTEX if cortex_z[k] else CANCELLOUS
         fine[k][shell] = CORTEX
         fine[k][posterior] = CORTEX - 150
+    if dens:
+        yy, xx = np.mgrid[0:SHAPE_XY, 0:SHAPE_XY]
+        peg = np.hypot(xx - 40, yy - 28.5) <= 5.0
+        for k in np.flatnonzero((zf >= BODY_Z_MM[1]) & (zf < 38.0)):
+            fine[k][peg] = CANCELLOUS + 100
     n = int(round(dz / fine_dz))
     thick = fine.reshape(-1, n, SHAPE_XY, SHAPE_XY).mean(axis=1)
     rng = np.random.default_rng(7)
@@ -218,6 +224,21 @@ def test_displacement_makes_a_cortical_step() -> None:
     top = 25
     assert out[top, 28, 46] < hu[top, 28, 46] - 150
     assert abs(int(out[top, 28, 34]) - int(hu[top, 28, 34])) <= 1
+
+
+def test_dens_line_lies_at_the_dens_base() -> None:
+    hu, affine = _phantom(1.0, dens=True)
+    levels = [dict(_levels()[0], name="C2", superior_endplate_lps=[40.0, 28.5, 38.0])]
+    spec = pl.PlantSpec("C2", pl.FractureKind.DENS, gap_mm=1.5, displacement_mm=0.0,
+                        tilt=(0.0, -0.2, 0.0))   # an axial line: normal straight up
+    out, result = pl.plant(hu, affine, levels, spec, thickness_mm=1.0)
+    assert result.point_lps[2] == pytest.approx(BODY_Z_MM[1])  # base = 2 centre - inferior
+    z, y, x = np.nonzero(np.abs(out.astype(int) - hu) >= pl.VISIBLE_HU)
+    # Within the dens region (7 mm about an axis 1 mm behind the body centre) and the PSF.
+    assert np.hypot(x - 40, y - 29.5).max() <= 7.0 + 2.0
+    assert z.min() >= BODY_Z_MM[1] - 2 and z.max() <= BODY_Z_MM[1] + 2
+    # The line is lucent across the peg just at its base.
+    assert out[int(BODY_Z_MM[1]) + 1, 26:32, 37:44].mean() < 200
 
 
 # --------------------------------------------------------------------------- compression
