@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from service.config import SegFormat
-from service.inference.findings import VERTEBRAE, Findings, VertebraFinding
+from service.findings import VERTEBRAE, Findings, VertebraFinding
 from service.results.common import AlgorithmInfo
 from service.results.seg import build_segmentation
 from service.results.sr import build_report

@@ -6,8 +6,8 @@ so training, export and the runtime pipeline read the very same numbers.
 
 from __future__ import annotations
 
+from service.findings import VERTEBRAE
 from service.imaging.preprocess import DEFAULT_WINDOWS, STANDARD_BONE_WINDOW
-from service.inference.findings import VERTEBRAE
 from service.inference.manifest import Preprocessing, Window
 
 SEG_CLASSES: list[str] = ["background", *VERTEBRAE, "thoracic"]

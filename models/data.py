@@ -41,9 +41,9 @@ from service.evaluation.rsna import (
     segmentation_on_volume,
     slice_number_to_z,
 )
+from service.findings import VERTEBRAE
 from service.imaging.preprocess import Box, crop_box, resample_labels
 from service.inference.crops import StackSpec, vertebra_box, vertebra_stack
-from service.inference.findings import VERTEBRAE
 from service.inference.manifest import Preprocessing
 from service.inference.pipeline import Segmentation, segmentation_input
 

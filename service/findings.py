@@ -1,5 +1,8 @@
 """What the model says about one series: the contract between inference and results.
 
+A low module (numpy and ``service.outcomes`` only) so that the results, the worklist policy
+and the web app read findings without importing the model side (``service.inference``).
+
 Coordinates: every index is into the sorted ``Volume`` array, order (z, y, x), where z is
 the slice index after sorting along the slice normal (see ``service.imaging.volume``).
 """

@@ -1,7 +1,7 @@
 """The three answers of a finished analysis: one vocabulary for inference, database and web.
 
 A bottom-layer module (no imports from the rest of the service) so that the database tables,
-the inference contract (``service.inference.findings``), the results and the web app name the
+the inference contract (``service.findings``), the results and the web app name the
 answer the same way without importing each other.
 """
 

@@ -1,7 +1,7 @@
 """The Storage SCP: C-ECHO, C-STORE of every common storage class, and MPPS N-CREATE/N-SET.
 
 The C-STORE handler is the hot path and does, in order: a structural walk of the dataset bytes
-as received (:mod:`service.dicom.validate`; no pydicom parse, no decode), the Part 10 file
+as received (:mod:`service.ingest.validate`; no pydicom parse, no decode), the Part 10 file
 (preamble and file meta encoded by hand, then the dataset bytes exactly as received), the
 durable spool write (:meth:`service.ingest.spool.Spool.store`: link, then fsync), a
 non-blocking hand-off to the bookkeeper, and only then Success. Everything that touches the
@@ -62,7 +62,6 @@ from service.config import Settings
 from service.db.tables import MppsStatus, PerformedProcedureStep, PerformedProcedureStepReference
 from service.db.types import utcnow
 from service.dicom.security import AccessPolicy, Rejection
-from service.dicom.validate import UndecodableDataset, file_meta_prefix, scan_dataset
 from service.ingest.bookkeeper import (
     AssociationEnded,
     AssociationRejected,
@@ -70,6 +69,7 @@ from service.ingest.bookkeeper import (
     ReceivedInstance,
 )
 from service.ingest.spool import Spool, SpoolError, SpoolFullError, StoreOutcome
+from service.ingest.validate import UndecodableDataset, file_meta_prefix, scan_dataset
 
 logger = logging.getLogger(__name__)
 

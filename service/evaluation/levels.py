@@ -1,6 +1,6 @@
 """Vertebral level identification against a reference read on real scans.
 
-The model labels C1..C7 (label map values 1..7, see ``service.inference.findings``). On a
+The model labels C1..C7 (label map values 1..7, see ``service.findings``). On a
 real scan there is no mask to compare with, only the levels a reader identified
 (``real_reference.json``: body centres and endplate centres in patient coordinates). This
 module measures whether each predicted level sits where the reference says that level is.
@@ -54,11 +54,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.inference.findings import VERTEBRAE
+from service.findings import VERTEBRAE
 
 if TYPE_CHECKING:
+    from service.findings import Findings
     from service.imaging.volume import Volume
-    from service.inference.findings import Findings
 
 logger = logging.getLogger(__name__)
 

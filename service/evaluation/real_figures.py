@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from service.config import Settings
     from service.evaluation.levels import LevelReferenceError, load_reference, reference_for
     from service.evaluation.real import default_data_dir, find_scans, load_scan
-    from service.inference.findings import VERTEBRAE
+    from service.findings import VERTEBRAE
 
     parser = argparse.ArgumentParser(prog="python -m service.evaluation.real_figures",
                                      description=__doc__.split("\n\n")[0])

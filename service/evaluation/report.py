@@ -30,7 +30,7 @@ from tqdm import tqdm
 from service.config import Settings
 from service.evaluation import metrics
 from service.evaluation.rsna import RsnaDataset, RsnaStudy, segmentation_on_volume
-from service.inference.findings import VERTEBRAE, Findings
+from service.findings import VERTEBRAE, Findings
 from service.inference.runtime import ModelRuntime, get_runtime
 
 logger = logging.getLogger(__name__)

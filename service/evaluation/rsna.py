@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.inference.findings import VERTEBRAE
+from service.findings import VERTEBRAE
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from service.config import Settings, get_settings
 from service.evaluation.report import StudyResult, study_result, summarize, write_report
+from service.findings import VERTEBRAE
 from service.imaging.volume import Volume
-from service.inference.findings import VERTEBRAE
 from service.inference.runtime import ModelRuntime, load_runtime
 from service.synthetic import Phantom
 

@@ -16,7 +16,7 @@ Conventions, everywhere in this module:
   ``target_spacing / spacing`` (:func:`resampled_affine`) and resampling back with
   :func:`resample_to_original` lands exactly on the original voxel centres.
 * Voxel boxes are ``(z0, y0, x0, z1, y1, x1)`` with the end exclusive, as in
-  ``service.inference.findings``.
+  ``service.findings``.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def check_cervical_spine(
 
     ``NO_CERVICAL_SPINE`` when none is in view, ``TOO_LITTLE_CERVICAL_SPINE`` when some but
     fewer than ``min_vertebrae`` are. ``vertebrae_in_view`` holds names such as ``"C2"`` (as
-    in ``service.inference.findings.VERTEBRAE``); other names (thoracic levels) are ignored.
+    in ``service.findings.VERTEBRAE``); other names (thoracic levels) are ignored.
     ``skull_base_in_view`` only words the detail (a head CT ending above the neck). Called
     by the worker after segmentation, before any flag: the loader cannot know it.
     """

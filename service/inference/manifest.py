@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.findings import VERTEBRAE
 from service.imaging.preprocess import Window as PreWindow
 from service.inference.crops import StackSpec
-from service.inference.findings import VERTEBRAE
 
 logger = logging.getLogger(__name__)
 

@@ -36,15 +36,15 @@ import numpy as np
 from scipy import ndimage
 
 from service.config import Settings
-from service.imaging.preprocess import multi_window, resample_to_original, resample_to_spacing
-from service.imaging.volume import Volume
-from service.inference.crops import vertebra_box, vertebra_stack
-from service.inference.findings import (
+from service.findings import (
     VERTEBRAE,
     Findings,
     VertebraFinding,
     instances_fingerprint,
 )
+from service.imaging.preprocess import multi_window, resample_to_original, resample_to_spacing
+from service.imaging.volume import Volume
+from service.inference.crops import vertebra_box, vertebra_stack
 from service.inference.manifest import Preprocessing
 from service.inference.plausibility import AnatomyReport, assess, superior_in_grid
 from service.inference.runtime import ModelRuntime, Stage, get_runtime

@@ -61,7 +61,7 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 LEVEL_NAMES: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-"""Label ``i + 1`` is ``LEVEL_NAMES[i]`` (as ``service.inference.findings.VERTEBRAE``)."""
+"""Label ``i + 1`` is ``LEVEL_NAMES[i]`` (as ``service.findings.VERTEBRAE``)."""
 
 
 class AnatomyReason(StrEnum):

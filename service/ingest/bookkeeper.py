@@ -37,9 +37,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.audit import record
 from service.db.tables import Instance, Series, SeriesState, Study
 from service.db.types import utcnow
-from service.dicom.validate import DatasetKeys, UndecodableDataset, scan_dataset, split_part10
 from service.ingest.header import InstanceHeader, UnreadableHeader, read_header_bytes
 from service.ingest.spool import Spool, StoredFile, StoreOutcome, path_component
+from service.ingest.validate import DatasetKeys, UndecodableDataset, scan_dataset, split_part10
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def prepare(item: ReceivedInstance) -> None:
     """Hash the bytes and build the per-instance header (idempotent); the bytes are dropped.
 
     The header comes from the elements the hot-path walk already captured
-    (:attr:`~service.dicom.validate.DatasetKeys.elements`), decoded without pydicom; only
+    (:attr:`~service.ingest.validate.DatasetKeys.elements`), decoded without pydicom; only
     items without them are parsed with pydicom. The study and series columns are decoded
     later, once per series and batch (:func:`_complete_header`).
     """

@@ -15,8 +15,8 @@ from pydicom import Dataset
 from pydicom.uid import JPEG2000Lossless
 
 from service.config import PacsDestination, SegFormat, Settings
+from service.findings import Findings
 from service.imaging.volume import Volume
-from service.inference.findings import Findings
 from service.results.common import AlgorithmInfo
 from service.results.keyimage import build_key_image
 from service.results.seg import build_segmentation, seg_kind

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from service.inference.findings import VERTEBRAE
+from service.findings import VERTEBRAE
 
 # --- anatomy (CID 7151 / CID 4) ---------------------------------------------------------------
 C1_VERTEBRA: Code = codes.SCT.C1Vertebra  # 14806007

@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from service.findings import Findings, VertebraFinding
 from service.imaging.volume import Volume
-from service.inference.findings import Findings, VertebraFinding
 from service.results import uids
 from service.results.common import AlgorithmInfo, ResultBuildError, complete_type2
 from service.results.uids import ObjectKind

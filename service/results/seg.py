@@ -22,8 +22,8 @@ import numpy as np
 from pydicom.uid import UID, JPEG2000Lossless
 
 from service.config import SegFormat
+from service.findings import VERTEBRAE, Findings
 from service.imaging.volume import Volume
-from service.inference.findings import VERTEBRAE, Findings
 from service.outcomes import AnalysisResult
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError, source_images

@@ -35,8 +35,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from service.config import SegFormat
+from service.findings import Findings, VertebraFinding
 from service.imaging.volume import Volume
-from service.inference.findings import Findings, VertebraFinding
 from service.outcomes import AnalysisResult
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError, complete_type2

@@ -24,7 +24,7 @@ from service.audit.trail import record
 from service.config import Settings
 from service.db.tables import Analysis, AnalysisResult, Priority, Study
 from service.db.types import utcnow
-from service.inference.findings import Findings
+from service.findings import Findings
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import pytest
 from service.evaluation import levels as lv
 from service.evaluation.cli import cmd_evaluate_real, register_real
 from service.evaluation.real import ScanResult, find_scans, render_markdown, summarize
+from service.findings import VERTEBRAE, Findings
 from service.imaging.volume import Volume
-from service.inference.findings import VERTEBRAE, Findings
 
 SPACING = (2.0, 1.0, 1.0)
 ORIGIN = np.array([10.0, -50.0, -100.0])

@@ -11,8 +11,8 @@ import pytest
 
 from service.config import Settings
 from service.evaluation import metrics
+from service.findings import VERTEBRAE, Findings
 from service.imaging.volume import Volume, load_volume
-from service.inference.findings import VERTEBRAE, Findings
 from service.inference.manifest import load_manifest
 from service.inference.pipeline import (
     NO_VERTEBRA_IN_VIEW,

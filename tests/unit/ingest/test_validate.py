@@ -20,7 +20,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from service.dicom.validate import UndecodableDataset, scan_dataset
+from service.ingest.validate import UndecodableDataset, scan_dataset
 from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
 
 

@@ -27,8 +27,8 @@ from models.export import export_model_dir
 from models.train import Study, TrainOptions, train
 from service.config import Settings
 from service.evaluation.rsna import RsnaDataset
+from service.findings import VERTEBRAE
 from service.imaging.volume import load_volume
-from service.inference.findings import VERTEBRAE
 from service.inference.pipeline import run_pipeline
 from service.inference.runtime import load_runtime
 from service.synthetic import (

@@ -21,8 +21,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from service.findings import VERTEBRAE, Findings, VertebraFinding
 from service.imaging.volume import Volume
-from service.inference.findings import VERTEBRAE, Findings, VertebraFinding
 
 PIXEL_SPACING_MM = 0.8
 SLICE_SPACING_MM = 1.0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from service.findings import Findings, VertebraFinding
 from service.imaging.volume import Volume
-from service.inference.findings import Findings, VertebraFinding
 from service.results.common import AlgorithmInfo
 from service.results.seg import build_segmentation
 from service.results.sr import build_report

@@ -192,7 +192,7 @@ def test_result_uids_follow_the_instances_analysed(case: SyntheticCase,
     series must not reuse a UID for different content)."""
     from dataclasses import replace
 
-    from service.inference.findings import instances_fingerprint
+    from service.findings import instances_fingerprint
 
     uids_now = case.volume.sop_instance_uids
     first = replace(case.findings, source_fingerprint=instances_fingerprint(uids_now))
