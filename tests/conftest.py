@@ -1,7 +1,8 @@
 """Shared fixtures: real PostgreSQL and Redis where the machine runs them, SQLite always.
 
-A test that needs a server that is absent is *skipped with the server's name in the reason*;
-it never passes silently.
+A test that needs a server or tool that is absent *fails* where ``TEST_REQUIRE_SERVICES`` is
+set (``.ci/run`` sets it: the CI machine has them all) and elsewhere is *skipped with the
+server's name in the reason*; it never passes silently.
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ REAL_CHEST_CT_DIR = SHARED_DATA / "real-ct-chest-neck" / "ct"
 """The real chest CT with the lower neck (another scanner; header quirks), not shipped."""
 
 
+REQUIRE_SERVICES = os.environ.get("TEST_REQUIRE_SERVICES", "") not in ("", "0")
+"""Set by ``.ci/run``: on the machine kind CI runs on, PostgreSQL, Redis, DCMTK and Orthanc
+exist, so a missing one is a failure there, never a silent skip. Elsewhere (a laptop without
+them) the tests that need one skip with its name."""
+
+
+def missing(what: str) -> None:
+    """A test's real peer is absent: fail where it must exist (CI), else skip naming it."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} (TEST_REQUIRE_SERVICES is set: this machine must have it)",
+                    pytrace=False)
+    pytest.skip(what)
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):
@@ -52,7 +67,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
     if not _port_open("127.0.0.1", 5432):
-        pytest.skip("PostgreSQL server not reachable on 127.0.0.1:5432")
+        missing("PostgreSQL server not reachable on 127.0.0.1:5432")
     return POSTGRES_ADMIN_URL
 
 
@@ -98,7 +113,7 @@ def migrated_url(database_url: str) -> str:
 @pytest.fixture(scope="session")
 def redis_server_url() -> str:
     if not _port_open("127.0.0.1", 6379):
-        pytest.skip("Redis server not reachable on 127.0.0.1:6379")
+        missing("Redis server not reachable on 127.0.0.1:6379")
     return REDIS_URL
 
 

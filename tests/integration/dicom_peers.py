@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import free_port
+from tests.conftest import free_port, missing
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -65,7 +63,7 @@ def storescp(directory: Path, *, ae_title: str = "STORESCP",
     """DCMTK storescp; by default it accepts uncompressed transfer syntaxes only."""
     binary = shutil.which("storescp")
     if binary is None:
-        pytest.skip("storescp absent (Debian package dcmtk)")
+        missing("storescp absent (Debian package dcmtk)")
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = (directory.parent / f"storescp-{port}.log").open("wb")
@@ -118,9 +116,9 @@ class OrthancServer:
 def orthanc(directory: Path, *, ae_title: str = "ORTHANC", dicomweb: bool = False,
             config: dict[str, Any] | None = None) -> Iterator[OrthancServer]:
     if not ORTHANC_BIN.exists():
-        pytest.skip(f"{ORTHANC_BIN} absent (Debian package orthanc)")
+        missing(f"{ORTHANC_BIN} absent (Debian package orthanc)")
     if dicomweb and not DICOMWEB_PLUGIN.exists():
-        pytest.skip(f"{DICOMWEB_PLUGIN} absent (Debian package orthanc-dicomweb)")
+        missing(f"{DICOMWEB_PLUGIN} absent (Debian package orthanc-dicomweb)")
     directory.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     settings: dict[str, Any] = {

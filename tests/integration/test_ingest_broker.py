@@ -17,7 +17,7 @@ from service.db.tables import Analysis, AnalysisState, Series, SeriesState
 from service.dicom.runner import IngestNode
 from service.embedded import EmbeddedRedis, find_redis_server
 from service.queue import ANALYSIS_QUEUE, TASK_ANALYZE_SERIES
-from tests.conftest import free_port
+from tests.conftest import free_port, missing
 from tests.unit.ingest.ctdata import SeriesSpec, write_series
 from tests.unit.ingest.peers import storescu, wait_until
 
@@ -29,7 +29,7 @@ def test_pending_analysis_is_enqueued_when_the_broker_comes_back(sqlite_url: str
     try:
         find_redis_server()
     except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"redis-server not available: {exc}")
+        missing(f"redis-server not available: {exc}")
     migrate.upgrade(sqlite_url)
     broker_port = free_port()
     settings = Settings(data_dir=tmp_path / "var", database_url=sqlite_url, spool_min_free_mb=0,

@@ -15,9 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.conftest import free_port
+from tests.conftest import free_port, missing
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -25,7 +23,7 @@ REPO = Path(__file__).resolve().parents[3]
 def need(tool: str) -> str:
     found = shutil.which(tool) or (tool if Path(tool).is_file() else None)
     if not found:
-        pytest.skip(f"{tool} not installed (Debian package dcmtk / orthanc)")
+        missing(f"{tool} not installed (Debian package dcmtk / orthanc)")
     return found
 
 

@@ -1,0 +1,28 @@
+"""A green CI means the real servers were there: absent peers fail under .ci/run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tests.conftest as shared
+
+
+def test_missing_peer_fails_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared, "REQUIRE_SERVICES", True)
+    with pytest.raises(pytest.fail.Exception, match="PostgreSQL"):
+        shared.missing("PostgreSQL server not reachable on 127.0.0.1:5432")
+
+
+def test_missing_peer_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared, "REQUIRE_SERVICES", False)
+    with pytest.raises(pytest.skip.Exception, match="Redis"):
+        shared.missing("Redis server not reachable on 127.0.0.1:6379")
+
+
+def test_ci_script_requires_the_servers_and_names_no_absolute_path() -> None:
+    script = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    assert "export TEST_REQUIRE_SERVICES=1" in script
+    assert "/work/" not in script  # the shared data is found relative to the repository
+    assert "make test" in script
