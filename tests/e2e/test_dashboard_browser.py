@@ -104,7 +104,7 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1360, "height": 820})
-            page.set_default_timeout(15000)
+            page.set_default_timeout(30000)  # generous: CI machines are shared
             page.goto(base + "/")
             assert "/login" in page.url, "an anonymous visit goes to the login page"
             _shot(page, tmp_path, "login")
@@ -134,21 +134,22 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
                     document.querySelector(`tr.row[data-uid='${u}'] td`)).backgroundColor)""",
                 [FRACTURED.uid, INCONCLUSIVE.uid, NORMAL.uid])
             assert len(set(colors)) == 3, colors
-            first_wait = page.inner_text(f"tr.row[data-uid='{FRACTURED.uid}'] td.waiting")
-            page.wait_for_timeout(1200)
-            assert page.inner_text(
-                f"tr.row[data-uid='{FRACTURED.uid}'] td.waiting") != first_wait, "not ticking"
+            waiting = f"tr.row[data-uid='{FRACTURED.uid}'] td.waiting"
+            first_wait = page.inner_text(waiting)
+            page.wait_for_function(  # the waiting time ticks by itself, no fetch needed
+                "([sel, before]) => document.querySelector(sel).textContent !== before",
+                arg=[waiting, first_wait], timeout=10000)
 
             # A study lands while the page is open: it shows up without a reload.
             page.evaluate("window.__noReload = true")
             with factory() as session:
                 add_study(session, WAITING)
             stored = time.monotonic()
-            page.wait_for_selector(f"tr.row[data-uid='{WAITING.uid}']", timeout=10000)
+            page.wait_for_selector(f"tr.row[data-uid='{WAITING.uid}']", timeout=20000)
             shown_after = time.monotonic() - stored
             assert page.evaluate("window.__noReload") is True, "the page reloaded"
             print(f"new study on the open worklist after {shown_after:.2f} s")
-            assert shown_after < 5
+            assert shown_after < 10, "polled every 0.5 s: seconds at most, even on a busy box"
 
             page.click(f"tr.row[data-uid='{FRACTURED.uid}'] button[data-action=acknowledge]")
             page.wait_for_function(
@@ -185,9 +186,9 @@ def test_radiologist_reads_the_worklist_in_chromium(server: tuple[str, str, Sett
             page.goto(f"{base}/")
             page.click(f"tr.row[data-uid='{phantom_uid}'] a.open")
             page.wait_for_selector("[data-testid=image-axial-C4]")
-            page.wait_for_function(
+            page.wait_for_function(  # drawn on first request: load, SEG, render (slow on CI)
                 """() => [...document.querySelectorAll('.images img')]
-                        .every(i => i.complete && i.naturalWidth === 420)""")
+                        .every(i => i.complete && i.naturalWidth === 420)""", timeout=120000)
             assert page.locator(".images img").count() == 3
             assert "Fracture suspected: C4" in page.inner_text("[data-testid=result]")
             _shot(page, tmp_path, "study")

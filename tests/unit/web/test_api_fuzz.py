@@ -37,7 +37,10 @@ def test_api_has_no_server_errors(settings_factory, sqlite_url: str) -> None:  #
                 case.path_parameters = {"token_id": 1000 + abs(
                     int(case.path_parameters.get("token_id") or 0)) % 1000}
             response = case.call(headers=headers)
-            assert response.status_code < 500, (case.operation.label, response.text[:500])
+            # /healthz answers 503 by design when a dependency is not up (documented).
+            allowed = {503} if case.path == "/healthz" else set()
+            assert response.status_code < 500 or response.status_code in allowed, (
+                case.operation.label, response.text[:500])
             assert response.status_code != 401, (case.operation.label, "token lost")
             case.validate_response(response)
 
