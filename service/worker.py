@@ -44,7 +44,7 @@ from service.db.tables import (
     SeriesState,
 )
 from service.db.types import utcnow
-from service.outcomes import failure_codes
+from service.outcomes import SeriesReason, failure_codes
 from service.queue import (
     EXPORT_QUEUE,
     TASK_ANALYZE_SERIES,
@@ -180,7 +180,7 @@ def _finish_failed(ctx: WorkerContext, analysis_id: int, error: str) -> None:
         series = analysis.series
         if _is_current(session, analysis) and series.state is not SeriesState.RECEIVING:
             series.state = SeriesState.FAILED
-            series.state_reason = "ANALYSIS_FAILED"
+            series.state_reason = SeriesReason.ANALYSIS_FAILED.value
             series.state_detail = error[:4000]
         record(session, "analysis.failed", outcome="failure", actor=ctx.settings.ae_title,
                study_instance_uid=series.study.study_instance_uid,

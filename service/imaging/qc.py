@@ -1,10 +1,10 @@
-"""Stable reason codes for series that cannot be analyzed, and for recoveries made on load.
+"""Quality-check outcomes of loading a series: refusals and recoveries.
 
-The values are what the dashboard shows and what ``Series.state_reason`` stores (at most 64
-characters): never rename a member, only add new ones. A :class:`QcReason` refuses a series
-(the worker turns a :class:`VolumeError` into ``NOT_ANALYZABLE(reason)``); a
-:class:`QcWarning` records that something was repaired and the series was analyzed anyway
-(``Volume.warnings``).
+A :class:`VolumeError` refuses a series with a :class:`~service.outcomes.SeriesReason` (the
+one vocabulary of reasons, shared with the ingest rules; the worker turns it into
+``NOT_ANALYZABLE(reason)``); a :class:`QcWarning` records that something was repaired and the
+series was analyzed anyway (``Volume.warnings``). Warning values are stored and shown as
+they are: never rename a member, only add new ones.
 """
 
 from __future__ import annotations
@@ -13,50 +13,9 @@ import logging
 from collections.abc import Iterable
 from enum import StrEnum
 
+from service.outcomes import SeriesReason
+
 logger = logging.getLogger(__name__)
-
-
-class QcReason(StrEnum):
-    """Why a series is not analyzable. Each member is a stable, dashboard-visible code."""
-
-    NO_READABLE_INSTANCES = "NO_READABLE_INSTANCES"
-    """No file of the series could be parsed as DICOM (unusable headers)."""
-    NO_CT_IMAGES = "NO_CT_IMAGES"
-    """Readable, but no instance is a CT image (CT, Enhanced CT, Legacy Converted Enhanced CT)."""
-    MIXED_SERIES = "MIXED_SERIES"
-    """Instances of more than one Series (or Study) Instance UID were handed over together."""
-    UNSUPPORTED_PIXEL_FORMAT = "UNSUPPORTED_PIXEL_FORMAT"
-    """Colour, float or otherwise non-monochrome integer pixel data."""
-    INCONSISTENT_MATRIX = "INCONSISTENT_MATRIX"
-    """Rows/Columns differ between slices."""
-    INCONSISTENT_ORIENTATION = "INCONSISTENT_ORIENTATION"
-    """Image Orientation (Patient) differs between slices."""
-    NON_AXIAL = "NON_AXIAL"
-    """The slice normal is further than 45 degrees from the patient's head-foot axis."""
-    MISSING_PIXEL_SPACING = "MISSING_PIXEL_SPACING"
-    """No Pixel Spacing and nothing to recover it from."""
-    INCONSISTENT_PIXEL_SPACING = "INCONSISTENT_PIXEL_SPACING"
-    """Pixel Spacing differs between slices."""
-    INCONSISTENT_FRAME_OF_REFERENCE = "INCONSISTENT_FRAME_OF_REFERENCE"
-    """Slices in different Frames of Reference: their positions cannot be combined."""
-    MISSING_POSITIONS = "MISSING_POSITIONS"
-    """Slice positions absent and not recoverable from Slice Location or Instance Number."""
-    CONFLICTING_DUPLICATES = "CONFLICTING_DUPLICATES"
-    """Two slices at the same position (or with the same SOP Instance UID) differ."""
-    TOO_FEW_SLICES = "TOO_FEW_SLICES"
-    """Fewer distinct axial slices than the configured minimum."""
-    MISSING_SLICES = "MISSING_SLICES"
-    """A gap between neighbouring slices exceeds 1.5 times the median spacing."""
-    GANTRY_TILT_EXCESSIVE = "GANTRY_TILT_EXCESSIVE"
-    """Gantry tilt beyond the configured limit (smaller tilts are resampled)."""
-    UNDECODABLE_PIXEL_DATA = "UNDECODABLE_PIXEL_DATA"
-    """Pixel data that no installed handler decodes, or of the wrong size."""
-    NO_CERVICAL_SPINE = "NO_CERVICAL_SPINE"
-    """Decided after segmentation: no cervical vertebra in view (a chest-only field of view,
-    a head CT ending above C1): outside the service's scope, not a negative."""
-    TOO_LITTLE_CERVICAL_SPINE = "TOO_LITTLE_CERVICAL_SPINE"
-    """Decided after segmentation: some cervical vertebrae in view, fewer than the minimum:
-    too little of the cervical spine to clear or flag; outside the service's scope."""
 
 
 class QcWarning(StrEnum):
@@ -87,12 +46,12 @@ class VolumeError(Exception):
     indices, positions and UIDs, never patient identifiers.
     """
 
-    def __init__(self, reason: QcReason, detail: str) -> None:
+    def __init__(self, reason: SeriesReason, detail: str) -> None:
         super().__init__(f"{reason.value}: {detail}")
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self) -> tuple[type[VolumeError], tuple[QcReason, str]]:
+    def __reduce__(self) -> tuple[type[VolumeError], tuple[SeriesReason, str]]:
         # Celery and multiprocessing pickle exceptions; keep both arguments.
         return (type(self), (self.reason, self.detail))
 
@@ -122,7 +81,7 @@ def check_cervical_spine(
         where = ("; the skull base is in view: the scan ends at or above the upper neck"
                  if skull_base_in_view else "")
         raise VolumeError(
-            QcReason.TOO_LITTLE_CERVICAL_SPINE if found else QcReason.NO_CERVICAL_SPINE,
+            SeriesReason.TOO_LITTLE_CERVICAL_SPINE if found else SeriesReason.NO_CERVICAL_SPINE,
             f"{len(found)} cervical vertebra(e) in view ({listed}); "
             f"at least {min_vertebrae} needed to clear or flag the cervical spine{where}",
         )

@@ -38,7 +38,7 @@ from service.imaging.geometry import (
     resample_stack,
     stack_affine,
 )
-from service.imaging.qc import QcReason, QcWarning, VolumeError
+from service.imaging.qc import QcWarning, VolumeError
 from service.imaging.source import (
     FrameDecoder,
     SourceFrame,
@@ -47,6 +47,7 @@ from service.imaging.source import (
     frames_of,
     read_instance,
 )
+from service.outcomes import SeriesReason
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -298,7 +299,7 @@ class _Loader:
                 unreadable += 1
                 logger.warning("unreadable file %s: %s: %s", path.name, type(exc).__name__, exc)
         if not readable:
-            raise VolumeError(QcReason.NO_READABLE_INSTANCES,
+            raise VolumeError(SeriesReason.NO_READABLE_IMAGES,
                               f"none of {len(unique)} file(s) could be read as DICOM")
         if unreadable:
             self.warn(QcWarning.UNREADABLE_FILES_SKIPPED, f"{unreadable} file(s) not DICOM")
@@ -307,7 +308,7 @@ class _Loader:
         skipped = len(readable) - len(images)
         if not images:
             classes = sorted({i.sop_class_uid or i.modality or "?" for i in readable})
-            raise VolumeError(QcReason.NO_CT_IMAGES,
+            raise VolumeError(SeriesReason.NOT_CT,
                               f"{len(readable)} instance(s), none a CT image: {', '.join(classes)}")
         if skipped:
             self.warn(QcWarning.UNSUPPORTED_INSTANCES_SKIPPED,
@@ -315,7 +316,7 @@ class _Loader:
         series = sorted({i.series_instance_uid for i in images})
         studies = sorted({i.study_instance_uid for i in images})
         if len(series) > 1 or len(studies) > 1:
-            raise VolumeError(QcReason.MIXED_SERIES,
+            raise VolumeError(SeriesReason.MIXED_SERIES,
                               f"{len(series)} series / {len(studies)} studies: {', '.join(series)}")
         return images
 
@@ -326,7 +327,7 @@ class _Loader:
             self.warn(QcWarning.LOCALIZER_DROPPED, f"{len(localizers)} localizer image(s)")
             frames = [f for f in frames if not f.is_localizer]
         if not frames:
-            raise VolumeError(QcReason.TOO_FEW_SLICES,
+            raise VolumeError(SeriesReason.TOO_FEW_SLICES,
                               f"no slices left after dropping {len(localizers)} localizer(s)")
         frames.sort(key=lambda f: f.canonical_key)
         return frames
@@ -335,12 +336,12 @@ class _Loader:
         for inst in _distinct_instances(frames):
             problem = _unsupported_pixels(inst)
             if problem:
-                raise VolumeError(QcReason.UNSUPPORTED_PIXEL_FORMAT,
+                raise VolumeError(SeriesReason.UNSUPPORTED_PIXEL_FORMAT,
                                   f"SOP {inst.sop_instance_uid}: {problem}")
         matrices = sorted({(f.instance.rows or 0, f.instance.columns or 0) for f in frames})
         if len(matrices) > 1:
             listed = ", ".join(f"{r}x{c}" for r, c in matrices)
-            raise VolumeError(QcReason.INCONSISTENT_MATRIX, f"matrices {listed}")
+            raise VolumeError(SeriesReason.INCONSISTENT_MATRIX, f"matrices {listed}")
         return matrices[0]
 
     def _orientation(self, frames: list[SourceFrame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -365,7 +366,7 @@ class _Loader:
             worst = max(angle_deg(dirs[0], row_dir), angle_deg(dirs[1], col_dir))
             if worst > ORIENTATION_TOLERANCE_DEG:
                 raise VolumeError(
-                    QcReason.INCONSISTENT_ORIENTATION,
+                    SeriesReason.MIXED_ORIENTATION,
                     f"{frame.label()} is oriented {worst:.1f} deg from "
                     f"{with_iop[0].label()} ({len(distinct)} orientations)",
                 )
@@ -377,7 +378,7 @@ class _Loader:
             axis = "LR" if abs(normal[0]) >= abs(normal[1]) else "AP"
             plane = "sagittal" if axis == "LR" else "coronal"
             raise VolumeError(
-                QcReason.NON_AXIAL,
+                SeriesReason.NOT_AXIAL,
                 f"slice normal {np.round(normal, 3).tolist()} is {obliquity:.0f} deg from the "
                 f"head-foot axis ({plane}-like; limit {self.max_obliquity:.0f} deg)",
             )
@@ -395,7 +396,7 @@ class _Loader:
                                                           strict=True))
                 if diff > PIXEL_SPACING_TOLERANCE:
                     raise VolumeError(
-                        QcReason.INCONSISTENT_PIXEL_SPACING,
+                        SeriesReason.INCONSISTENT_PIXEL_SPACING,
                         f"{frame.label()} has {list(frame.pixel_spacing)} mm, "
                         f"{with_spacing[0].label()} has {list(reference)} mm",
                     )
@@ -410,14 +411,14 @@ class _Loader:
             self.warn(QcWarning.PIXEL_SPACING_RECOVERED,
                       f"Pixel Spacing from Reconstruction Diameter {diameters[0]} mm / {matrix[1]}")
             return (value, value)
-        raise VolumeError(QcReason.MISSING_PIXEL_SPACING,
+        raise VolumeError(SeriesReason.MISSING_PIXEL_SPACING,
                           "no Pixel Spacing and no single Reconstruction Diameter")
 
     def _frame_of_reference(self, frames: list[SourceFrame]) -> None:
         uids = sorted({f.instance.frame_of_reference_uid for f in frames
                        if f.instance.frame_of_reference_uid})
         if len(uids) > 1:
-            raise VolumeError(QcReason.INCONSISTENT_FRAME_OF_REFERENCE,
+            raise VolumeError(SeriesReason.INCONSISTENT_FRAME_OF_REFERENCE,
                               f"{len(uids)} frames of reference: {', '.join(uids)}")
 
     def _positions(
@@ -473,7 +474,7 @@ class _Loader:
             line = _fit_instance_numbers(fit)
             if line is None or len(usable) < len(rest):
                 raise VolumeError(
-                    QcReason.MISSING_POSITIONS,
+                    SeriesReason.MISSING_POSITIONS,
                     f"{len(rest)} slice(s) without Image Position, Slice Location or a usable "
                     f"Instance Number fit ({len(fit)} calibration slice(s))",
                 )
@@ -495,7 +496,7 @@ class _Loader:
                 other, other_pos = by_uid[key]
                 if np.linalg.norm(pos - other_pos) > POSITION_TOLERANCE_MM:
                     raise VolumeError(
-                        QcReason.CONFLICTING_DUPLICATES,
+                        SeriesReason.CONFLICTING_DUPLICATES,
                         f"{frame.label()} appears twice at different positions "
                         f"{np.round(other_pos, 2).tolist()} and {np.round(pos, 2).tolist()}",
                     )
@@ -512,7 +513,7 @@ class _Loader:
                 slot = slots[-1]
                 if np.linalg.norm(pos - slot.position) > POSITION_TOLERANCE_MM:
                     raise VolumeError(
-                        QcReason.CONFLICTING_DUPLICATES,
+                        SeriesReason.CONFLICTING_DUPLICATES,
                         f"{frame.label()} and {slot.frame.label()} share slice position "
                         f"{sigma:.2f} mm but are displaced in plane",
                     )
@@ -528,7 +529,7 @@ class _Loader:
 
     def _check_count_and_gaps(self, slots: list[_Slot]) -> None:
         if len(slots) < self.min_slices:
-            raise VolumeError(QcReason.TOO_FEW_SLICES,
+            raise VolumeError(SeriesReason.TOO_FEW_SLICES,
                               f"{len(slots)} distinct slice(s), at least {self.min_slices} needed")
         sigma = np.array([slot.sigma for slot in slots])
         steps = np.diff(sigma)
@@ -537,7 +538,7 @@ class _Loader:
         if steps[worst] > self.max_gap_ratio * median:
             missing = max(int(round(steps[worst] / median)) - 1, 1)
             raise VolumeError(
-                QcReason.MISSING_SLICES,
+                SeriesReason.MISSING_SLICES,
                 f"gap of {steps[worst]:.2f} mm between slices {worst} and {worst + 1} "
                 f"(median spacing {median:.2f} mm, about {missing} slice(s) missing; "
                 f"{int(np.sum(steps > self.max_gap_ratio * median))} gap(s) in all)",
@@ -553,7 +554,7 @@ class _Loader:
                         declared, shape.tilt_deg)
         if shape.tilt_deg > self.max_tilt and shape.max_inplane_shift_px > MAX_INPLANE_SHIFT_PX:
             raise VolumeError(
-                QcReason.GANTRY_TILT_EXCESSIVE,
+                SeriesReason.GANTRY_TILT,
                 f"gantry tilt {shape.tilt_deg:.1f} deg exceeds the {self.max_tilt:.0f} deg limit",
             )
         return shape
@@ -588,7 +589,7 @@ class _Loader:
                         _to_hu(stored, dup, scratch)
                     if not np.array_equal(scratch, hu[z]):
                         raise VolumeError(
-                            QcReason.CONFLICTING_DUPLICATES,
+                            SeriesReason.CONFLICTING_DUPLICATES,
                             f"{dup.label()} and {slot.frame.label()} share slice {z} "
                             "but their pixels differ",
                         )
@@ -612,7 +613,7 @@ def _decode_frames(
             raise
         except Exception as exc:  # noqa: BLE001 - decoders raise anything from anywhere
             raise VolumeError(
-                QcReason.UNDECODABLE_PIXEL_DATA,
+                SeriesReason.UNDECODABLE_PIXEL_DATA,
                 f"SOP {inst.sop_instance_uid} ({inst.transfer_syntax.name}): "
                 f"{type(exc).__name__}: {exc}",
             ) from exc

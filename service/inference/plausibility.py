@@ -2,8 +2,8 @@
 
 Runs between segmentation and classification on the segmentation grid (isotropic
 ``seg_spacing_mm``). It never changes a label; it says which levels it can vouch for and,
-for every rule that fails, why (an :class:`AnatomyReason` code, the level, the measured value
-and the allowed range). :mod:`service.inference.pipeline` lets a fracture be flagged only on
+for every rule that fails, why (an :class:`~service.outcomes.AnatomyReason` code, the level,
+the measured value and the allowed range). :mod:`service.inference.pipeline` lets a fracture be flagged only on
 a level that passes every level rule in a column that passes every column rule; anything else
 makes the answer INCONCLUSIVE (analysed, neither flagged nor cleared).
 
@@ -53,43 +53,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 
 import numpy as np
 from scipy import ndimage
+
+from service.outcomes import AnatomyReason
 
 logger = logging.getLogger(__name__)
 
 LEVEL_NAMES: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 """Label ``i + 1`` is ``LEVEL_NAMES[i]`` (as ``service.findings.VERTEBRAE``)."""
-
-
-class AnatomyReason(StrEnum):
-    """Why the gate cannot vouch for a segmentation. Stable codes: stored and shown as is."""
-
-    LEVELS_OUT_OF_ORDER = "LEVELS_OUT_OF_ORDER"
-    """Level centres do not follow C1, C2, ... down the spine's own axis."""
-    LEVEL_SEQUENCE_GAP = "LEVEL_SEQUENCE_GAP"
-    """A level is missing between two levels in view (C3 and C5 without C4)."""
-    COLUMN_DISCONTINUOUS = "COLUMN_DISCONTINUOUS"
-    """Neighbouring levels are too far apart along the axis, or side by side across it."""
-    COLUMN_NOT_CRANIOCAUDAL = "COLUMN_NOT_CRANIOCAUDAL"
-    """The column's axis lies more than 60 degrees from the patient's head-foot axis."""
-    LEVEL_FRAGMENTED = "LEVEL_FRAGMENTED"
-    """A level is more than one connected body."""
-    LEVEL_EXTENT_OUT_OF_RANGE = "LEVEL_EXTENT_OUT_OF_RANGE"
-    """Craniocaudal extent of a level outside the adult range."""
-    LEVEL_VOLUME_OUT_OF_RANGE = "LEVEL_VOLUME_OUT_OF_RANGE"
-    """Segmented volume of a level outside the adult range."""
-    LEVEL_SPACING_OUT_OF_RANGE = "LEVEL_SPACING_OUT_OF_RANGE"
-    """Centre-to-centre distance between neighbouring levels outside the adult range."""
-    LEVELS_OVERLAP = "LEVELS_OVERLAP"
-    """Neighbouring levels overlap along the axis beyond the tolerance."""
-    LEVEL_NOT_BONE = "LEVEL_NOT_BONE"
-    """Too little of the level's mask has bone density."""
-    C1_NOT_UNDER_SKULL_BASE = "C1_NOT_UNDER_SKULL_BASE"
-    """The skull base is in view and the level right under it is not C1 (the count is
-    shifted), or C1 sits far below it."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Qualification: is a complete series an analyzable cervical-spine CT, and if several in a
 study are, which one is analyzed.
 
-Every decision carries a stable :class:`ReasonCode` (shown on the dashboard and counted in
+Every decision carries a stable :class:`SeriesReason` (shown on the dashboard and counted in
 turnaround statistics) and a human sentence. Geometry is read in the DICOM patient coordinate
 system (LPS, millimetres): the slice normal is the cross product of the row and column
 direction cosines of Image Orientation (Patient), and a slice's position along the stack is
@@ -19,7 +19,6 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from importlib import resources
 from typing import Any
 
@@ -28,33 +27,9 @@ from pydicom.dataset import Dataset
 
 from service.config import Settings
 from service.ingest.header import number, text
+from service.outcomes import SeriesReason
 
 logger = logging.getLogger(__name__)
-
-
-class ReasonCode(StrEnum):
-    """Why a series is (not) analyzed. Values are stable: stored and shown as they are."""
-
-    QUALIFIED = "QUALIFIED"
-    NO_READABLE_IMAGES = "NO_READABLE_IMAGES"
-    NOT_CT = "NOT_CT"
-    UNSUPPORTED_SOP_CLASS = "UNSUPPORTED_SOP_CLASS"
-    LOCALIZER = "LOCALIZER"
-    DERIVED_IMAGE = "DERIVED_IMAGE"
-    EXCLUDED_DESCRIPTION = "EXCLUDED_DESCRIPTION"
-    NOT_CERVICAL = "NOT_CERVICAL"
-    CONFLICTING_DUPLICATES = "CONFLICTING_DUPLICATES"
-    """The same SOP Instance UID arrived with different content: which one is right?"""
-    MISSING_GEOMETRY = "MISSING_GEOMETRY"
-    NOT_AXIAL = "NOT_AXIAL"
-    MIXED_ORIENTATION = "MIXED_ORIENTATION"
-    GANTRY_TILT = "GANTRY_TILT"
-    SLICE_TOO_THICK = "SLICE_TOO_THICK"
-    TOO_FEW_SLICES = "TOO_FEW_SLICES"
-    INCONSISTENT_GEOMETRY = "INCONSISTENT_GEOMETRY"
-    MISSING_SLICES = "MISSING_SLICES"
-    NOT_SELECTED = "NOT_SELECTED"
-    """Qualifies, but another series of the same study was preferred."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +262,7 @@ def _median(values: Sequence[float]) -> float:
 @dataclass
 class Decision:
     qualified: bool
-    reason: ReasonCode
+    reason: SeriesReason
     detail: str
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -297,7 +272,7 @@ class Decision:
                           default=str)
 
 
-def _refuse(reason: ReasonCode, detail: str, metrics: dict[str, Any]) -> Decision:
+def _refuse(reason: SeriesReason, detail: str, metrics: dict[str, Any]) -> Decision:
     return Decision(False, reason, detail, metrics)
 
 
@@ -312,32 +287,32 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     metrics: dict[str, Any] = {"instances": len(datasets), "unreadable": unreadable,
                                "conflicting_duplicates": conflicting, "rules": rules.source}
     if not datasets:
-        return _refuse(ReasonCode.NO_READABLE_IMAGES, "no readable instance in the series",
+        return _refuse(SeriesReason.NO_READABLE_IMAGES, "no readable instance in the series",
                        metrics)
     first = datasets[0]
     modality = (text(first, "Modality") or "").upper()
     metrics["modality"] = modality or None
     if modality not in rules.modalities:
-        return _refuse(ReasonCode.NOT_CT, f"modality {modality or 'absent'} is not "
+        return _refuse(SeriesReason.NOT_CT, f"modality {modality or 'absent'} is not "
                        f"{'/'.join(sorted(rules.modalities))}", metrics)
     slices = [s for ds in datasets for s in slices_from_dataset(ds)]
     unsupported = sorted({s.sop_class_uid for s in slices} - rules.sop_classes)
     if unsupported:
         metrics["sop_classes"] = unsupported
-        return _refuse(ReasonCode.UNSUPPORTED_SOP_CLASS,
+        return _refuse(SeriesReason.UNSUPPORTED_SOP_CLASS,
                        f"SOP class {', '.join(unsupported)} is not a CT image the model reads",
                        metrics)
     localizers = [s for s in slices if s.is_localizer]
     slices = [s for s in slices if not s.is_localizer]
     metrics["localizers_skipped"] = len(localizers)
     if not slices:
-        return _refuse(ReasonCode.LOCALIZER, "only localizer (scout) images", metrics)
+        return _refuse(SeriesReason.LOCALIZER, "only localizer (scout) images", metrics)
     if rules.skip_derived:
         derived = [s for s in slices if s.is_derived]
         slices = [s for s in slices if not s.is_derived]
         metrics["derived_skipped"] = len(derived)
         if not slices:
-            return _refuse(ReasonCode.DERIVED_IMAGE,
+            return _refuse(SeriesReason.DERIVED_IMAGE,
                            "only derived or secondary images (reformats, captures)", metrics)
 
     described = " | ".join(filter(None, (text(first, f) for f in rules.keyword_fields)))
@@ -345,7 +320,7 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     excluded = _keyword_hit(haystack, rules.exclude_keywords)
     if excluded:
         metrics["excluded_keyword"] = excluded
-        return _refuse(ReasonCode.EXCLUDED_DESCRIPTION,
+        return _refuse(SeriesReason.EXCLUDED_DESCRIPTION,
                        f"description names a non-diagnostic stack ({excluded})", metrics)
     matched = _keyword_hit(haystack, rules.cervical_keywords)
     metrics["cervical_keyword"] = matched
@@ -358,22 +333,22 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
             metrics["undescribed"] = True
             matched = "none (no description: the anatomy decides)"
         else:
-            return _refuse(ReasonCode.NOT_CERVICAL, "no cervical-spine keyword in "
+            return _refuse(SeriesReason.NOT_CERVICAL, "no cervical-spine keyword in "
                            f"{', '.join(rules.keyword_fields)}", metrics)
 
     if conflicting:
-        return _refuse(ReasonCode.CONFLICTING_DUPLICATES,
+        return _refuse(SeriesReason.CONFLICTING_DUPLICATES,
                        f"{conflicting} SOP Instance UIDs received twice with different "
                        "content", metrics)
     if any(s.orientation is None or s.position is None for s in slices):
-        return _refuse(ReasonCode.MISSING_GEOMETRY,
+        return _refuse(SeriesReason.MISSING_GEOMETRY,
                        "Image Orientation/Position (Patient) missing on some images", metrics)
     normals = [_normal(s.orientation) for s in slices if s.orientation is not None]
     reference = normals[0]
     worst = max(_angle_deg(reference, n) for n in normals)
     metrics["orientation_spread_deg"] = round(worst, 3)
     if worst > rules.orientation_consistency_deg:
-        return _refuse(ReasonCode.MIXED_ORIENTATION,
+        return _refuse(SeriesReason.MIXED_ORIENTATION,
                        f"image orientations differ by up to {worst:.1f} deg", metrics)
     axial_angle = _angle_deg(reference, (0.0, 0.0, 1.0))
     metrics["axial_angle_deg"] = round(axial_angle, 3)
@@ -381,9 +356,9 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     tilt = max(tilts) if tilts else 0.0
     metrics["gantry_tilt_deg"] = tilt
     if tilt > rules.max_gantry_tilt_deg:
-        return _refuse(ReasonCode.GANTRY_TILT, f"gantry tilt {tilt:g} deg", metrics)
+        return _refuse(SeriesReason.GANTRY_TILT, f"gantry tilt {tilt:g} deg", metrics)
     if axial_angle > rules.axial_tolerance_deg:
-        return _refuse(ReasonCode.NOT_AXIAL, f"slice normal {axial_angle:.1f} deg from the "
+        return _refuse(SeriesReason.NOT_AXIAL, f"slice normal {axial_angle:.1f} deg from the "
                        "feet-head axis: not an axial stack", metrics)
 
     positions = sorted(_dot(s.position, reference) for s in slices if s.position is not None)
@@ -399,22 +374,22 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
     metrics["bone_kernel"] = bool(kernel and any(p.search(kernel)
                                                  for p in rules.bone_kernel_patterns))
     if thickness is not None and thickness > rules.max_slice_thickness_mm + 1e-6:
-        return _refuse(ReasonCode.SLICE_TOO_THICK, f"slice thickness {thickness:g} mm > "
+        return _refuse(SeriesReason.SLICE_TOO_THICK, f"slice thickness {thickness:g} mm > "
                        f"{rules.max_slice_thickness_mm:g} mm", metrics)
     if len(slices) < rules.min_slices:
-        return _refuse(ReasonCode.TOO_FEW_SLICES,
+        return _refuse(SeriesReason.TOO_FEW_SLICES,
                        f"{len(slices)} slices < {rules.min_slices}", metrics)
     shapes = {(s.rows, s.columns) for s in slices}
     spacings = {s.pixel_spacing for s in slices}
     if len(shapes) > 1 or len(spacings) > 1:
-        return _refuse(ReasonCode.INCONSISTENT_GEOMETRY,
+        return _refuse(SeriesReason.INCONSISTENT_GEOMETRY,
                        f"images differ in matrix {sorted(shapes, key=str)} or pixel spacing",
                        metrics)
     if spacing is not None:
         duplicates = sum(1 for g in gaps if g < 1e-3)
         if duplicates:
             metrics["duplicate_positions"] = duplicates
-            return _refuse(ReasonCode.INCONSISTENT_GEOMETRY,
+            return _refuse(SeriesReason.INCONSISTENT_GEOMETRY,
                            f"{duplicates} images share a slice position", metrics)
         largest = max(gaps)
         metrics["largest_gap_mm"] = round(largest, 3)
@@ -422,9 +397,9 @@ def evaluate(datasets: Sequence[Dataset], rules: RuleSet, *, unreadable: int = 0
             missing = sum(round(g / spacing) - 1 for g in gaps if g > rules.max_gap_factor
                           * spacing)
             metrics["missing_slices"] = missing
-            return _refuse(ReasonCode.MISSING_SLICES, f"gap of {largest:.2f} mm in a stack "
+            return _refuse(SeriesReason.MISSING_SLICES, f"gap of {largest:.2f} mm in a stack "
                            f"spaced {spacing:.2f} mm: about {missing} slices missing", metrics)
-    return Decision(True, ReasonCode.QUALIFIED,
+    return Decision(True, SeriesReason.QUALIFIED,
                     f"axial CT, {len(slices)} slices of {thickness:g} mm, "
                     f"keyword {matched}" + (f", kernel {kernel}" if kernel else ""), metrics)
 

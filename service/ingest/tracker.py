@@ -57,7 +57,6 @@ from service.ingest.dispatch import (
 from service.ingest.header import UnreadableHeader, read_header
 from service.ingest.rules import (
     Decision,
-    ReasonCode,
     RuleSet,
     describe_preference,
     evaluate,
@@ -66,6 +65,7 @@ from service.ingest.rules import (
     preference_key,
 )
 from service.ingest.spool import Spool
+from service.outcomes import SeriesReason
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class Tracker:
             details["selection"] = why
             if chosen != series_id:
                 session.execute(update(Series).where(Series.id == series_id).values(
-                    state=SeriesState.NOT_ANALYZABLE, state_reason=ReasonCode.NOT_SELECTED.value,
+                    state=SeriesState.NOT_ANALYZABLE, state_reason=SeriesReason.NOT_SELECTED.value,
                     state_detail=why))
                 record(session, EVENT_QUALIFICATION, study_instance_uid=study_uid,
                        series_instance_uid=series_uid, details=details)

@@ -328,8 +328,9 @@ def test_evaluate_scan_scores_a_run_and_records_failures(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from service.config import Settings
     from service.evaluation import real
-    from service.imaging.qc import QcReason, VolumeError
+    from service.imaging.qc import VolumeError
     from service.inference import pipeline
+    from service.outcomes import SeriesReason
 
     volume = _volume()
     document = {"reader": "read here", "scans": {volume.series_instance_uid: {
@@ -354,7 +355,7 @@ def test_evaluate_scan_scores_a_run_and_records_failures(
     assert result.levels is None and "no entry" in (result.error or "")
 
     def broken(*args: object, **kwargs: object) -> None:
-        raise VolumeError(QcReason.TOO_FEW_SLICES, "1 slice")
+        raise VolumeError(SeriesReason.TOO_FEW_SLICES, "1 slice")
 
     monkeypatch.setattr(pipeline, "analyze_paths", broken)
     result = real.evaluate_scan("broken", [], Settings(), document, runtime=object())  # type: ignore[arg-type]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from service.imaging.qc import QcReason, QcWarning, VolumeError
+from service.imaging.qc import QcWarning, VolumeError
 from service.imaging.volume import Volume, load_volume
+from service.outcomes import SeriesReason
 
 synthetic = pytest.importorskip("service.synthetic", reason="service.synthetic not available")
 
@@ -66,7 +67,7 @@ def test_duplicates(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped
 def test_missing_slices(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(VolumeError) as info:
         load_volume(_write(phantom, tmp_path, missing_slices=[20]), min_slices=MIN_SLICES)
-    assert info.value.reason is QcReason.MISSING_SLICES
+    assert info.value.reason is SeriesReason.MISSING_SLICES
 
 
 def test_missing_ipp(phantom, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -119,7 +120,7 @@ def test_gantry_tilt_beyond_limit(phantom, tmp_path: Path) -> None:  # type: ign
     paths = _write(phantom, tmp_path, gantry_tilt_deg=25.0)
     with pytest.raises(VolumeError) as info:
         load_volume(paths, min_slices=MIN_SLICES, max_gantry_tilt_deg=20.0)
-    assert info.value.reason is QcReason.GANTRY_TILT_EXCESSIVE
+    assert info.value.reason is SeriesReason.GANTRY_TILT
 
 
 def test_study_extra_series(phantom, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
@@ -130,11 +131,11 @@ def test_study_extra_series(phantom, tmp_path: Path, caplog: pytest.LogCaptureFi
     _assert_is_phantom(load_volume(by_role["ct"].paths, min_slices=MIN_SLICES), phantom)
     with pytest.raises(VolumeError) as info:
         load_volume(by_role["localizer"].paths, min_slices=MIN_SLICES)
-    assert info.value.reason is QcReason.TOO_FEW_SLICES
+    assert info.value.reason is SeriesReason.TOO_FEW_SLICES
     with pytest.raises(VolumeError) as info:
         load_volume(by_role["non_ct"].paths, min_slices=MIN_SLICES)
-    assert info.value.reason is QcReason.NO_CT_IMAGES
+    assert info.value.reason is SeriesReason.NOT_CT
     # The writer's scout is its own series: handing both over together is a caller error.
     with pytest.raises(VolumeError) as info:
         load_volume(by_role["ct"].paths + by_role["localizer"].paths, min_slices=MIN_SLICES)
-    assert info.value.reason is QcReason.MIXED_SERIES
+    assert info.value.reason is SeriesReason.MIXED_SERIES

@@ -26,9 +26,10 @@ from pydicom.uid import (
 )
 
 from service.imaging.geometry import AIR_HU
-from service.imaging.qc import QcReason, QcWarning, VolumeError
+from service.imaging.qc import QcWarning, VolumeError
 from service.imaging.source import DEFER_SIZE
 from service.imaging.volume import Volume, load_series, load_volume
+from service.outcomes import SeriesReason
 
 from .conftest import (
     SeriesSpec,
@@ -275,7 +276,7 @@ def test_same_position_different_pixels_is_a_conflict(tmp_path: Path) -> None:
     other.PixelData = (spec.stored(10) + np.uint16(5)).tobytes()
     extra = save(other, tmp_path / "s" / "other.dcm", ExplicitVRLittleEndian)
     error = reason_of([*paths, extra])
-    assert error.reason is QcReason.CONFLICTING_DUPLICATES
+    assert error.reason is SeriesReason.CONFLICTING_DUPLICATES
     assert "slice 10" in error.detail
 
 
@@ -285,7 +286,7 @@ def test_same_uid_at_two_positions_is_a_conflict(tmp_path: Path) -> None:
     clash = make_slice(spec, 30 if spec.n_slices > 30 else 3,
                        sop_uid=pydicom.dcmread(paths[10]).SOPInstanceUID)
     extra = save(clash, tmp_path / "s" / "clash.dcm", ExplicitVRLittleEndian)
-    assert reason_of([*paths, extra]).reason is QcReason.CONFLICTING_DUPLICATES
+    assert reason_of([*paths, extra]).reason is SeriesReason.CONFLICTING_DUPLICATES
 
 
 # --------------------------------------------------------------------------- counts and gaps
@@ -294,7 +295,7 @@ def test_same_uid_at_two_positions_is_a_conflict(tmp_path: Path) -> None:
 def test_missing_slice_in_the_middle(series_dir: Path) -> None:
     paths = write_series(series_dir, SeriesSpec())
     error = reason_of(paths[:12] + paths[13:])
-    assert error.reason is QcReason.MISSING_SLICES
+    assert error.reason is SeriesReason.MISSING_SLICES
     assert "between slices 11 and 12" in error.detail
 
 
@@ -306,7 +307,7 @@ def test_missing_end_slices_are_not_a_gap(series_dir: Path) -> None:
 def test_too_few_slices(series_dir: Path) -> None:
     paths = write_series(series_dir, SeriesSpec(n_slices=6))
     error = reason_of(paths, min_slices=10)
-    assert error.reason is QcReason.TOO_FEW_SLICES
+    assert error.reason is SeriesReason.TOO_FEW_SLICES
     assert "6 distinct" in error.detail
 
 
@@ -357,7 +358,7 @@ def test_inconsistent_orientation(series_dir: Path) -> None:
                                           float(-np.sin(t)), float(np.cos(t)), 0.0]
 
     error = reason_of(write_series(series_dir, spec, mutate=rotate))
-    assert error.reason is QcReason.INCONSISTENT_ORIENTATION
+    assert error.reason is SeriesReason.MIXED_ORIENTATION
     assert "5.0 deg" in error.detail
 
 
@@ -374,7 +375,7 @@ def test_inconsistent_pixel_spacing(series_dir: Path) -> None:
             ds.PixelSpacing = [0.9, 0.7]
 
     assert reason_of(write_series(series_dir, SeriesSpec(), mutate=respace)).reason is \
-        QcReason.INCONSISTENT_PIXEL_SPACING
+        SeriesReason.INCONSISTENT_PIXEL_SPACING
 
 
 def test_inconsistent_matrix(tmp_path: Path) -> None:
@@ -384,7 +385,7 @@ def test_inconsistent_matrix(tmp_path: Path) -> None:
     odd = save(bigger, tmp_path / "s" / "odd.dcm", ExplicitVRLittleEndian)
     paths[12].unlink()
     error = reason_of([*paths[:12], odd, *paths[13:]])
-    assert error.reason is QcReason.INCONSISTENT_MATRIX
+    assert error.reason is SeriesReason.INCONSISTENT_MATRIX
     assert "32x40" in error.detail and "36x40" in error.detail
 
 
@@ -392,14 +393,14 @@ def test_inconsistent_matrix(tmp_path: Path) -> None:
                                        ((1.0, 0.0, 0.0, 0.0, 0.0, -1.0), "coronal")])
 def test_non_axial(series_dir: Path, iop: tuple[float, ...], plane: str) -> None:
     error = reason_of(write_series(series_dir, SeriesSpec(iop=iop)))
-    assert error.reason is QcReason.NON_AXIAL
+    assert error.reason is SeriesReason.NOT_AXIAL
     assert plane in error.detail
 
 
 def test_mixed_series(tmp_path: Path) -> None:
     a = write_series(tmp_path / "a", SeriesSpec(n_slices=6))
     b = write_series(tmp_path / "b", SeriesSpec(n_slices=6))
-    assert reason_of(a + b).reason is QcReason.MIXED_SERIES
+    assert reason_of(a + b).reason is SeriesReason.MIXED_SERIES
 
 
 def test_inconsistent_frame_of_reference(series_dir: Path) -> None:
@@ -408,7 +409,7 @@ def test_inconsistent_frame_of_reference(series_dir: Path) -> None:
             ds.FrameOfReferenceUID = "1.2.3.4.5"
 
     assert reason_of(write_series(series_dir, SeriesSpec(), mutate=other_frame)).reason is \
-        QcReason.INCONSISTENT_FRAME_OF_REFERENCE
+        SeriesReason.INCONSISTENT_FRAME_OF_REFERENCE
 
 
 # --------------------------------------------------------------------------- gantry tilt
@@ -480,7 +481,7 @@ def test_gantry_tilt_with_uneven_spacing_takes_the_general_path(series_dir: Path
 def test_excessive_gantry_tilt_is_refused(series_dir: Path, mode: str) -> None:
     paths = write_series(series_dir, _tilt_spec(35.0, mode))
     error = reason_of(paths)
-    assert error.reason is QcReason.GANTRY_TILT_EXCESSIVE
+    assert error.reason is SeriesReason.GANTRY_TILT
     assert "35.0 deg" in error.detail
     assert load(paths, max_gantry_tilt_deg=40.0).gantry_tilt_deg == pytest.approx(35.0, abs=0.05)
 
@@ -538,7 +539,7 @@ def test_no_positions_at_all(series_dir: Path) -> None:
         del ds.SliceLocation
 
     error = reason_of(write_series(series_dir, SeriesSpec(), mutate=strip))
-    assert error.reason is QcReason.MISSING_POSITIONS
+    assert error.reason is SeriesReason.MISSING_POSITIONS
 
 
 def test_orientation_from_other_slices_and_assumed_axial(tmp_path: Path) -> None:
@@ -576,7 +577,7 @@ def test_pixel_spacing_recovered_or_missing(tmp_path: Path) -> None:
         del ds.PixelSpacing
 
     assert reason_of(write_series(tmp_path / "b", spec, mutate=nothing)).reason is \
-        QcReason.MISSING_PIXEL_SPACING
+        SeriesReason.MISSING_PIXEL_SPACING
 
 
 def test_localizer_is_dropped(series_dir: Path) -> None:
@@ -591,7 +592,7 @@ def test_localizer_is_dropped(series_dir: Path) -> None:
 
 def test_only_a_localizer(series_dir: Path) -> None:
     scout = write_localizer(series_dir, SeriesSpec())
-    assert reason_of([scout]).reason is QcReason.TOO_FEW_SLICES
+    assert reason_of([scout]).reason is SeriesReason.TOO_FEW_SLICES
 
 
 def test_unreadable_and_non_ct_files_are_skipped(series_dir: Path) -> None:
@@ -615,9 +616,9 @@ def test_unreadable_and_non_ct_files_are_skipped(series_dir: Path) -> None:
     assert volume.warnings == [QcWarning.UNREADABLE_FILES_SKIPPED,
                                QcWarning.UNSUPPORTED_INSTANCES_SKIPPED]
     assert_matches_phantom(volume, spec)
-    assert reason_of([junk]).reason is QcReason.NO_READABLE_INSTANCES
-    assert reason_of([sr_path]).reason is QcReason.NO_CT_IMAGES
-    assert reason_of([]).reason is QcReason.NO_READABLE_INSTANCES
+    assert reason_of([junk]).reason is SeriesReason.NO_READABLE_IMAGES
+    assert reason_of([sr_path]).reason is SeriesReason.NOT_CT
+    assert reason_of([]).reason is SeriesReason.NO_READABLE_IMAGES
 
 
 # --------------------------------------------------------------------------- bad pixels
@@ -633,7 +634,7 @@ def test_corrupt_compressed_pixels(series_dir: Path) -> None:
     ds.PixelData = encapsulate([frame[:40] + b"\x00" * (len(frame) - 40)])
     ds.save_as(paths[5], enforce_file_format=True)
     error = reason_of(paths)
-    assert error.reason is QcReason.UNDECODABLE_PIXEL_DATA
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
     assert ds.SOPInstanceUID in error.detail
 
 
@@ -645,7 +646,7 @@ def test_truncated_native_pixels(series_dir: Path) -> None:
             ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
 
     error = reason_of(write_series(series_dir, spec, mutate=truncate))
-    assert error.reason is QcReason.UNDECODABLE_PIXEL_DATA
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
 
 
 def test_colour_pixels_are_unsupported(series_dir: Path) -> None:
@@ -661,7 +662,7 @@ def test_colour_pixels_are_unsupported(series_dir: Path) -> None:
         ds.PixelData = np.zeros((spec.rows, spec.cols, 3), np.uint8).tobytes()
 
     assert reason_of(write_series(series_dir, spec, mutate=colour)).reason is \
-        QcReason.UNSUPPORTED_PIXEL_FORMAT
+        SeriesReason.UNSUPPORTED_PIXEL_FORMAT
 
 
 # --------------------------------------------------------------------------- Enhanced CT
@@ -733,7 +734,7 @@ def test_load_series_uses_settings(series_dir: Path, settings_factory) -> None: 
     assert volume.acquired_at == datetime(2024, 3, 15, 9, 15, tzinfo=UTC)  # CET = UTC+1
     with pytest.raises(VolumeError) as info:
         load_series(paths[:19], settings_factory(min_slices=20))
-    assert info.value.reason is QcReason.TOO_FEW_SLICES
+    assert info.value.reason is SeriesReason.TOO_FEW_SLICES
 
 
 # --------------------------------------------------------------------------- headers kept
@@ -752,9 +753,9 @@ def test_large_private_elements_are_not_kept(series_dir: Path) -> None:
 
 
 def test_volume_error_pickles() -> None:
-    error = VolumeError(QcReason.MISSING_SLICES, "gap")
+    error = VolumeError(SeriesReason.MISSING_SLICES, "gap")
     again = pickle.loads(pickle.dumps(error))
-    assert again.reason is QcReason.MISSING_SLICES and again.detail == "gap"
+    assert again.reason is SeriesReason.MISSING_SLICES and again.detail == "gap"
     assert str(again) == "MISSING_SLICES: gap"
 
 

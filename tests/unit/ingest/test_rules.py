@@ -12,12 +12,12 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from service.config import Settings
 from service.ingest.rules import (
     Decision,
-    ReasonCode,
     evaluate,
     load_rules,
     metrics_from_detail,
     preference_key,
 )
+from service.outcomes import SeriesReason
 from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
 
 
@@ -38,7 +38,7 @@ def decide(spec: SeriesSpec, settings: Settings) -> Decision:
 def test_cervical_axial_ct_qualifies(settings: Settings) -> None:
     decision = decide(SeriesSpec(slices=40), settings)
     assert decision.qualified, decision.detail
-    assert decision.reason is ReasonCode.QUALIFIED
+    assert decision.reason is SeriesReason.QUALIFIED
     assert decision.metrics["slices"] == 40
     assert decision.metrics["thickness_mm"] == 1.0
     assert decision.metrics["bone_kernel"] is True
@@ -59,20 +59,21 @@ def test_keyword_variants(settings: Settings, field: str, value: str) -> None:
 
 
 def test_reason_codes(settings: Settings) -> None:
-    cases: list[tuple[SeriesSpec, ReasonCode]] = [
-        (SeriesSpec(modality="MR"), ReasonCode.NOT_CT),
-        (SeriesSpec(sop_class_uid=SecondaryCaptureImageStorage), ReasonCode.UNSUPPORTED_SOP_CLASS),
-        (SeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), ReasonCode.LOCALIZER),
-        (SeriesSpec(image_type=("DERIVED", "SECONDARY", "AXIAL")), ReasonCode.DERIVED_IMAGE),
-        (SeriesSpec(image_type=("DERIVED", "PRIMARY", "MPR")), ReasonCode.DERIVED_IMAGE),
-        (SeriesSpec(description="TOPOGRAM 0.6 T20f"), ReasonCode.EXCLUDED_DESCRIPTION),
+    cases: list[tuple[SeriesSpec, SeriesReason]] = [
+        (SeriesSpec(modality="MR"), SeriesReason.NOT_CT),
+        (SeriesSpec(sop_class_uid=SecondaryCaptureImageStorage),
+         SeriesReason.UNSUPPORTED_SOP_CLASS),
+        (SeriesSpec(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), SeriesReason.LOCALIZER),
+        (SeriesSpec(image_type=("DERIVED", "SECONDARY", "AXIAL")), SeriesReason.DERIVED_IMAGE),
+        (SeriesSpec(image_type=("DERIVED", "PRIMARY", "MPR")), SeriesReason.DERIVED_IMAGE),
+        (SeriesSpec(description="TOPOGRAM 0.6 T20f"), SeriesReason.EXCLUDED_DESCRIPTION),
         (SeriesSpec(body_part="HEAD", description="BRAIN 5mm", study_description="CT HEAD"),
-         ReasonCode.NOT_CERVICAL),
-        (SeriesSpec(orientation=(0, 1, 0, 0, 0, -1)), ReasonCode.NOT_AXIAL),
-        (SeriesSpec(gantry_tilt_deg=12.0), ReasonCode.GANTRY_TILT),
-        (SeriesSpec(thickness_mm=5.0), ReasonCode.SLICE_TOO_THICK),
-        (SeriesSpec(slices=10), ReasonCode.TOO_FEW_SLICES),
-        (SeriesSpec(slices=40, skip_positions=(20, 21, 22)), ReasonCode.MISSING_SLICES),
+         SeriesReason.NOT_CERVICAL),
+        (SeriesSpec(orientation=(0, 1, 0, 0, 0, -1)), SeriesReason.NOT_AXIAL),
+        (SeriesSpec(gantry_tilt_deg=12.0), SeriesReason.GANTRY_TILT),
+        (SeriesSpec(thickness_mm=5.0), SeriesReason.SLICE_TOO_THICK),
+        (SeriesSpec(slices=10), SeriesReason.TOO_FEW_SLICES),
+        (SeriesSpec(slices=40, skip_positions=(20, 21, 22)), SeriesReason.MISSING_SLICES),
     ]
     for spec, expected in cases:
         decision = decide(spec, settings)
@@ -85,10 +86,10 @@ def test_mixed_orientation_and_missing_geometry(settings: Settings) -> None:
     spec = SeriesSpec(slices=30)
     datasets = series(spec)
     datasets[5].ImageOrientationPatient = [1, 0, 0, 0, 0.9, 0.43589]
-    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.MIXED_ORIENTATION
+    assert evaluate(datasets, load_rules(settings)).reason is SeriesReason.MIXED_ORIENTATION
     datasets = series(spec)
     del datasets[3].ImagePositionPatient
-    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.MISSING_GEOMETRY
+    assert evaluate(datasets, load_rules(settings)).reason is SeriesReason.MISSING_GEOMETRY
 
 
 def test_duplicate_positions_and_mixed_matrix_are_inconsistent(settings: Settings) -> None:
@@ -96,10 +97,10 @@ def test_duplicate_positions_and_mixed_matrix_are_inconsistent(settings: Setting
     datasets = series(spec)
     datasets[4].ImagePositionPatient = datasets[3].ImagePositionPatient
     decision = evaluate(datasets, load_rules(settings))
-    assert decision.reason is ReasonCode.INCONSISTENT_GEOMETRY
+    assert decision.reason is SeriesReason.INCONSISTENT_GEOMETRY
     datasets = series(spec)
     datasets[2].Rows = 32
-    assert evaluate(datasets, load_rules(settings)).reason is ReasonCode.INCONSISTENT_GEOMETRY
+    assert evaluate(datasets, load_rules(settings)).reason is SeriesReason.INCONSISTENT_GEOMETRY
 
 
 def test_localizers_inside_a_series_are_skipped_not_fatal(settings: Settings) -> None:
@@ -114,13 +115,13 @@ def test_localizers_inside_a_series_are_skipped_not_fatal(settings: Settings) ->
 
 def test_conflicting_duplicates_are_not_analyzable(settings: Settings) -> None:
     decision = evaluate(series(SeriesSpec(slices=30)), load_rules(settings), conflicting=2)
-    assert decision.reason is ReasonCode.CONFLICTING_DUPLICATES
+    assert decision.reason is SeriesReason.CONFLICTING_DUPLICATES
     assert decision.metrics["conflicting_duplicates"] == 2
 
 
 def test_no_images_at_all(settings: Settings) -> None:
     decision = evaluate([], load_rules(settings), unreadable=3)
-    assert decision.reason is ReasonCode.NO_READABLE_IMAGES
+    assert decision.reason is SeriesReason.NO_READABLE_IMAGES
     assert decision.metrics["unreadable"] == 3
 
 
@@ -137,7 +138,7 @@ def test_settings_thresholds_apply_and_yaml_overrides_them(tmp_path: Path) -> No
     assert rules.max_slice_thickness_mm == 2.0 and rules.min_slices == 5
     assert rules.source == str(rules_file)
     assert decide(SeriesSpec(slices=6, description="special protocol"), settings).qualified
-    assert decide(thick, settings).reason is ReasonCode.NOT_CERVICAL
+    assert decide(thick, settings).reason is SeriesReason.NOT_CERVICAL
 
 
 def test_enhanced_ct_frames_count_as_slices(settings: Settings) -> None:
@@ -191,7 +192,7 @@ def test_real_scanner_series_is_decided_with_a_reason(real_ct_dir: Path,
     assert decision.metrics["undescribed"] is True and decision.metrics["modality"] == "CT"
     assert "the anatomy decides" in decision.detail
     strict = dataclasses.replace(load_rules(settings), analyze_undescribed=False)
-    assert evaluate(datasets, strict).reason is ReasonCode.NOT_CERVICAL
+    assert evaluate(datasets, strict).reason is SeriesReason.NOT_CERVICAL
 
 
 def test_the_real_chest_ct_is_decided_by_the_anatomy(real_chest_ct_dir: Path,
@@ -203,7 +204,7 @@ def test_the_real_chest_ct_is_decided_by_the_anatomy(real_chest_ct_dir: Path,
 
     datasets = [dcmread(p, stop_before_pixels=True) for p in sorted(real_chest_ct_dir.iterdir())]
     decision = evaluate(datasets, load_rules(settings))
-    assert decision.reason is ReasonCode.SLICE_TOO_THICK
+    assert decision.reason is SeriesReason.SLICE_TOO_THICK
     assert decision.metrics["partial_coverage_keyword"] == "CHEST"
     wide = Settings(data_dir=settings.data_dir, min_slices=20, max_slice_thickness_mm=5.0)
     decision = evaluate(datasets, load_rules(wide))
@@ -225,7 +226,7 @@ def test_partial_coverage_descriptions_qualify_and_can_be_switched_off(
     decision = decide(chest, settings)
     assert decision.qualified and decision.metrics["partial_coverage_keyword"] == "CHEST"
     strict = dataclasses.replace(load_rules(settings), partial_coverage_keywords=())
-    assert evaluate(series(chest), strict).reason is ReasonCode.NOT_CERVICAL
+    assert evaluate(series(chest), strict).reason is SeriesReason.NOT_CERVICAL
 
 
 @pytest.mark.parametrize("variant", range(7))

@@ -26,8 +26,8 @@ from service.db.tables import (
 from service.db.types import utcnow
 from service.ingest.bookkeeper import write_batch
 from service.ingest.dispatch import AnalysisDispatcher, input_fingerprint, model_version
-from service.ingest.rules import ReasonCode
 from service.ingest.tracker import CompletionReason, SeriesProgress, Tracker, due_reason
+from service.outcomes import SeriesReason
 from service.queue import ANALYSIS_QUEUE, TASK_ANALYZE_SERIES
 from tests.unit.ingest.conftest import IngestEnv
 from tests.unit.ingest.ctdata import SeriesSpec
@@ -123,7 +123,7 @@ def test_expected_count_completes_at_once_and_enqueues(ingest_env: IngestEnv) ->
     series = series_row(ingest_env, spec.series_uid)
     assert series.state == SeriesState.QUEUED
     assert series.completion_reason == "expected_count"
-    assert series.qualified and series.qualification_reason == ReasonCode.QUALIFIED.value
+    assert series.qualified and series.qualification_reason == SeriesReason.QUALIFIED.value
     assert series.completed_at is not None
     (analysis,) = analyses(ingest_env)
     assert analysis.state == AnalysisState.QUEUED and analysis.task_id
@@ -234,7 +234,7 @@ def test_not_analyzable_series_gets_reason_and_no_analysis(ingest_env: IngestEnv
     assert report.not_analyzable
     series = series_row(ingest_env, spec.series_uid)
     assert series.state == SeriesState.NOT_ANALYZABLE
-    assert series.state_reason == ReasonCode.SLICE_TOO_THICK.value
+    assert series.state_reason == SeriesReason.SLICE_TOO_THICK.value
     assert series.qualified is False
     assert json.loads(series.qualification_detail or "{}")["metrics"]["thickness_mm"] == 5.0
     assert analyses(ingest_env) == []
@@ -284,7 +284,7 @@ def test_study_with_several_series_analyses_the_preferred(ingest_env: IngestEnv)
     assert study.selected_series_id == bone_row.id
     assert "over 1 other" in (study.selection_reason or "")
     assert thick_row.state == SeriesState.NOT_ANALYZABLE
-    assert thick_row.state_reason == ReasonCode.NOT_SELECTED.value
+    assert thick_row.state_reason == SeriesReason.NOT_SELECTED.value
     assert bone.series_uid in (thick_row.state_detail or "")
     soft_analysis, bone_analysis = analyses(ingest_env)
     assert soft_analysis.series_id == soft_row.id
