@@ -50,6 +50,7 @@ from service.queue import (
     TASK_ANALYZE_SERIES,
     TASK_EXPORT_RESULT,
     TASK_NOTIFY,
+    WORKER_KEY_PREFIX,
     enqueue_export,
     make_celery,
 )
@@ -58,8 +59,6 @@ logger = logging.getLogger(__name__)
 
 FINAL_STATES = {AnalysisState.DONE, AnalysisState.NOT_ANALYZABLE, AnalysisState.SUPERSEDED,
                 AnalysisState.FAILED}
-WORKER_KEY_PREFIX = "cspine:worker:"
-"""Redis keys under which each worker process announces its model and execution provider."""
 HEARTBEAT_TTL_S = 120
 
 
@@ -231,10 +230,14 @@ def _store_results(ctx: WorkerContext, volume: Any, findings: Any) -> dict[Any, 
 
 
 def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
-                     stored: dict[Any, Any], durations: dict[str, float],
-                     timestamps: dict[str, datetime], warnings: list[str]) -> bool:
-    """Write findings, flag the study, plan exports, DONE. True when exports are planned."""
-    from service.dicom.scu import export_targets, plan_exports
+                     durations: dict[str, float], inferred_at: datetime,
+                     warnings: list[str]) -> tuple[bool, bool]:
+    """Write findings and the answer and flag the study, before any SR or SEG is built.
+
+    The worklist flag does not wait for the paperwork: a radiologist can act on the answer
+    while the result objects are written. Returns (still ours, flagged now for the first
+    time); the analysis stays RUNNING until :func:`_record_results`.
+    """
     from service.worklist.priority import PriorityPolicy, apply_priority
 
     with session_scope(ctx.session_factory) as session:
@@ -242,7 +245,8 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
         if analysis is None or analysis.state is not AnalysisState.RUNNING:
             logger.warning("analysis %d changed state while running; results kept, not flagged",
                            claim.analysis_id)
-            return False
+            return False, False
+        first_flag = analysis.flagged_at is None
         session.execute(delete(Finding).where(Finding.analysis_id == analysis.id))
         for v in findings.vertebrae:
             session.add(Finding(
@@ -259,19 +263,34 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
         analysis.execution_provider = findings.execution_provider
         analysis.stage_durations = {k: round(float(s), 4) for k, s in durations.items()}
         analysis.warnings = sorted(set(warnings))
-        analysis.inferred_at = timestamps["inferred_at"]
-        analysis.results_stored_at = timestamps["results_stored_at"]
+        analysis.inferred_at = inferred_at
         series = analysis.series
-        current = _is_current(session, analysis)
-        if current:
+        if _is_current(session, analysis):
             apply_priority(session, series.study,
                            PriorityPolicy.from_settings(ctx.settings).decide(findings),
                            analysis=analysis, actor=ctx.settings.ae_title)
+        return True, first_flag and analysis.flagged_at is not None
+
+
+def _record_results(ctx: WorkerContext, claim: _Claim, findings: Any, stored: dict[Any, Any],
+                    durations: dict[str, float], results_stored_at: datetime) -> bool:
+    """The SR and SEG are stored: plan their exports, DONE. True when exports are planned."""
+    from service.dicom.scu import export_targets, plan_exports
+
+    with session_scope(ctx.session_factory) as session:
+        analysis = session.get(Analysis, claim.analysis_id, with_for_update=True)
+        if analysis is None or analysis.state is not AnalysisState.RUNNING:
+            logger.warning("analysis %d changed state while its results were built; results "
+                           "kept, not exported", claim.analysis_id)
+            return False
+        analysis.stage_durations = {k: round(float(s), 4) for k, s in durations.items()}
+        analysis.results_stored_at = results_stored_at
         rows = plan_exports(session, analysis.id, stored, export_targets(ctx.settings))
         analysis.state = AnalysisState.DONE
         analysis.finished_at = utcnow()
         analysis.reason_code = None
-        if current and series.state is not SeriesState.RECEIVING:
+        series = analysis.series
+        if _is_current(session, analysis) and series.state is not SeriesState.RECEIVING:
             series.state = SeriesState.DONE
             series.state_reason = None
             series.state_detail = None
@@ -287,58 +306,74 @@ def _record_findings(ctx: WorkerContext, claim: _Claim, findings: Any,
         return bool(rows)
 
 
-def analyze(ctx: WorkerContext, analysis_id: int, *, task_id: str | None = None,
-            enqueue: Callable[[int], object] | None = None) -> str:
-    """Run one analysis to a final state; returns that state's name.
-
-    Raises only transient errors (for the task to retry); everything else ends in a state.
-    """
+def _end_on_error(ctx: WorkerContext, analysis_id: int, exc: BaseException) -> str:
+    """The final state for an error of loading, inference or result building (re-raises
+    transient errors for the task to retry)."""
     from service.imaging.qc import VolumeError
     from service.inference.manifest import ManifestError
     from service.inference.runtime import ModelIntegrityError
 
-    claim = _claim(ctx, analysis_id, task_id)
-    if claim is None:
-        return "SKIPPED"
-    try:
-        volume, findings, durations = _load_and_infer(ctx, claim)
-        inferred_at = utcnow()
-        started = time.perf_counter()
-        stored = _store_results(ctx, volume, findings)
-        durations["results"] = time.perf_counter() - started
-        results_stored_at = utcnow()
-    except VolumeError as exc:
+    if isinstance(exc, VolumeError):
         _finish_not_analyzable(ctx, analysis_id, exc.reason.value, exc.detail)
         return AnalysisState.NOT_ANALYZABLE.value
-    except (ModelIntegrityError, ManifestError) as exc:
+    if isinstance(exc, ModelIntegrityError | ManifestError):
         _finish_failed(ctx, analysis_id, f"model unusable: {exc}")
         return AnalysisState.FAILED.value
-    except SoftTimeLimitExceeded:
+    if isinstance(exc, SoftTimeLimitExceeded):
         _finish_failed(ctx, analysis_id,
                        f"time limit of {ctx.settings.task_soft_time_limit_s} s exceeded")
         return AnalysisState.FAILED.value
-    except Exception as exc:
-        if _is_transient(exc):
-            raise
-        logger.exception("analysis %d: unexpected error", analysis_id)
-        _finish_failed(ctx, analysis_id,
-                       f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
-        return AnalysisState.FAILED.value
-    has_exports = _record_findings(
-        ctx, claim, findings, stored, durations,
-        {"inferred_at": inferred_at, "results_stored_at": results_stored_at},
-        list(volume.warnings) + list(findings.warnings))
-    if has_exports:
-        try:
-            (enqueue or (lambda i: enqueue_export(ctx.celery, i)))(analysis_id)
-        except Exception:  # noqa: BLE001 - rows stay PENDING; `triage export retry` resends
-            logger.exception("analysis %d: could not enqueue the export", analysis_id)
+    if _is_transient(exc):
+        raise exc
+    logger.error("analysis %d: unexpected error", analysis_id, exc_info=exc)
+    _finish_failed(ctx, analysis_id, f"{type(exc).__name__}: {exc}\n"
+                   + "".join(traceback.format_exception(exc, limit=5)))
+    return AnalysisState.FAILED.value
+
+
+def _send_notification(ctx: WorkerContext, analysis_id: int) -> None:
     if ctx.settings.webhook_url or (ctx.settings.hl7_host and ctx.settings.hl7_port):
         try:
             ctx.celery.send_task(TASK_NOTIFY, args=[analysis_id], queue=EXPORT_QUEUE,
                                  retry=False)
         except Exception:  # noqa: BLE001 - the flag is on the worklist either way
             logger.exception("analysis %d: could not enqueue the notification", analysis_id)
+
+
+def analyze(ctx: WorkerContext, analysis_id: int, *, task_id: str | None = None,
+            enqueue: Callable[[int], object] | None = None) -> str:
+    """Run one analysis to a final state; returns that state's name.
+
+    Order: load and infer, write the findings and flag the study (and send its
+    notification), then build and store the SR and SEG, plan their exports, DONE. An error
+    while building the results leaves the flag standing (the findings are sound) and ends
+    the analysis FAILED with the error, retryable by an admin.
+    Raises only transient errors (for the task to retry); everything else ends in a state.
+    """
+    claim = _claim(ctx, analysis_id, task_id)
+    if claim is None:
+        return "SKIPPED"
+    try:
+        volume, findings, durations = _load_and_infer(ctx, claim)
+    except Exception as exc:  # noqa: BLE001 - every error becomes a state or a retry
+        return _end_on_error(ctx, analysis_id, exc)
+    ours, first_flag = _record_findings(ctx, claim, findings, durations, utcnow(),
+                                        list(volume.warnings) + list(findings.warnings))
+    if not ours:
+        return AnalysisState.DONE.value
+    if first_flag:
+        _send_notification(ctx, analysis_id)
+    try:
+        started = time.perf_counter()
+        stored = _store_results(ctx, volume, findings)
+        durations["results"] = time.perf_counter() - started
+    except Exception as exc:  # noqa: BLE001 - every error becomes a state or a retry
+        return _end_on_error(ctx, analysis_id, exc)
+    if _record_results(ctx, claim, findings, stored, durations, utcnow()):
+        try:
+            (enqueue or (lambda i: enqueue_export(ctx.celery, i)))(analysis_id)
+        except Exception:  # noqa: BLE001 - rows stay PENDING; `triage export retry` resends
+            logger.exception("analysis %d: could not enqueue the export", analysis_id)
     return AnalysisState.DONE.value
 
 
@@ -351,7 +386,11 @@ def notify_analysis(ctx: WorkerContext, analysis_id: int) -> dict[str, str | Non
 
     with ctx.session_factory() as session:
         analysis = session.get(Analysis, analysis_id)
-        if analysis is None or analysis.state is not AnalysisState.DONE:
+        # Sent when the study is flagged, which comes before the SR and SEG exist (RUNNING
+        # with its answer recorded), or for a DONE analysis.
+        if analysis is None or not (
+                analysis.state is AnalysisState.DONE
+                or (analysis.state is AnalysisState.RUNNING and analysis.result is not None)):
             return {}
         study = analysis.series.study
         sr = next((e.sop_instance_uid for e in analysis.exports if e.object_kind == "SR"),

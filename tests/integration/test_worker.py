@@ -75,6 +75,8 @@ def test_worker_runs_an_analysis_end_to_end(tmp_path: Path, env) -> None:  # typ
         assert getattr(analysis, stamp) is not None, stamp
     assert analysis.queued_at <= analysis.started_at <= analysis.inferred_at
     assert analysis.inferred_at <= analysis.results_stored_at
+    # The flag does not wait for the SR and SEG (issue 22).
+    assert analysis.inferred_at <= analysis.flagged_at <= analysis.results_stored_at
     assert {"load", "segmentation", "classification", "results"} <= set(
         analysis.stage_durations or {})
     with factory() as session:

@@ -125,3 +125,47 @@ def test_notification_carries_the_flag_and_is_audited(migrated_url: str, setting
     assert json.dumps(payload).find("1.2.3") >= 0
     assert payload.get("patient_id") is None  # the webhook carries no patient identifiers
     assert count_events(factory, "notify.sent") == 1
+
+
+def test_the_flag_does_not_wait_for_the_paperwork(tmp_path: Path, migrated_url: str,  # type: ignore[no-untyped-def]
+                                                  settings_factory, monkeypatch) -> None:
+    """The study is flagged (priority, flagged_at, findings, answer) before the SR and SEG
+    are built; a failure while building them leaves the flag standing and ends FAILED."""
+    import service.worker as worker_module
+    from service.synthetic import FractureSpec, FractureType
+    from tests.integration.worker_support import shipped_model_dir
+
+    settings = settings_factory(database_url=migrated_url, broker_url="redis://127.0.0.1:1/0",
+                                model_dir=shipped_model_dir())
+    context = WorkerContext.create(settings, make_celery(settings))
+    options = PhantomOptions(seed=501, matrix=256, pixel_spacing=0.8, slice_spacing=1.25,
+                             n_slices=None, fractures=[FractureSpec(FractureType.BODY, "C5")])
+    files = write_series(generate_phantom(options), tmp_path / "series")
+    analysis_id = spool_series(settings, files, context.session_factory)
+    seen: dict[str, Any] = {}
+
+    def results_fail(ctx, volume, findings):  # type: ignore[no-untyped-def]
+        with ctx.session_factory() as session:
+            analysis = session.get(Analysis, analysis_id)
+            study = session.execute(select(Study)).scalar_one()
+            seen.update(state=analysis.state, result=analysis.result,
+                        flagged_at=analysis.flagged_at, inferred_at=analysis.inferred_at,
+                        priority=study.priority, findings=len(analysis.findings))
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(worker_module, "_store_results", results_fail)
+    try:
+        assert analyze(context, analysis_id) == "FAILED"
+    finally:
+        context.engine.dispose()
+    # While the results were being built, the answer and the flag were already there.
+    assert seen["state"] is AnalysisState.RUNNING and seen["result"] is not None
+    assert seen["flagged_at"] is not None and seen["inferred_at"] <= seen["flagged_at"]
+    assert seen["priority"] is not Priority.PENDING and seen["findings"] == 7
+    factory = make_session_factory(make_engine(migrated_url))
+    with factory() as session:
+        analysis = session.get(Analysis, analysis_id)
+        study = session.execute(select(Study)).scalar_one()
+        assert analysis.state is AnalysisState.FAILED and "disk on fire" in analysis.error
+        assert study.priority is seen["priority"]  # the flag stands
+        assert analysis.results_stored_at is None
