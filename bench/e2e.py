@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                         "queue wait": (analysis.started_at - analysis.queued_at),
                         "load+infer": (analysis.inferred_at - analysis.started_at),
                         "SR/SEG build": (analysis.results_stored_at - analysis.inferred_at),
+                        # Both instants from the last instance received (issue 22): the
+                        # worklist flag is raised before the SR and SEG are built.
+                        "last received -> flag": (analysis.flagged_at
+                                                  - series.last_received_at),
+                        "last received -> results stored": (analysis.results_stored_at
+                                                            - series.last_received_at),
                     }
                     split = {k: v.total_seconds() for k, v in marks.items()}
                     split["stages"] = analysis.stage_durations or {}  # type: ignore[assignment]
@@ -128,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             engine.dispose()
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
+    for key in ("last received -> flag", "last received -> results stored"):
+        values = sorted(float(split[key]) for split in splits)
+        p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+        print(f"{key}: median {statistics.median(values):.1f} s, p90 {p90:.1f} s")
     median = statistics.median(totals)
     print(f"\nlast instance sent -> SR in Orthanc, median of {len(totals)}: {median:.1f} s "
           f"(min {min(totals):.1f}, max {max(totals):.1f}); series {args.matrix}x{args.matrix}"
