@@ -46,7 +46,12 @@ from service.imaging.preprocess import multi_window, resample_to_original, resam
 from service.imaging.volume import Volume
 from service.inference.crops import vertebra_box, vertebra_stack
 from service.inference.manifest import Preprocessing
-from service.inference.plausibility import AnatomyReport, assess, superior_in_grid
+from service.inference.plausibility import (
+    AnatomyReason,
+    AnatomyReport,
+    assess,
+    superior_in_grid,
+)
 from service.inference.runtime import ModelRuntime, Stage, get_runtime
 from service.outcomes import AnalysisResult
 
@@ -59,9 +64,9 @@ FRAC_BATCH = 8
 PARTIAL_VERTEBRA = "PARTIAL_VERTEBRA"
 NO_VERTEBRA_IN_VIEW = "NO_VERTEBRA_IN_VIEW"
 NOT_BONE = "SEGMENTED_LEVEL_WITHOUT_BONE"
-OUT_OF_ORDER = "LEVELS_OUT_OF_ORDER"
-"""The levels' centres do not follow C1, C2, ... along the spine: the segmentation (and so
-every per-level finding) is not to be trusted; seen on a real scan unlike the training data."""
+OUT_OF_ORDER = AnatomyReason.LEVELS_OUT_OF_ORDER.value
+"""Also a warning: the levels' centres do not follow C1, C2, ... along the spine's own axis
+(the anatomy gate's rule, :mod:`.plausibility`; one definition for both)."""
 
 
 @dataclass(frozen=True)
@@ -277,23 +282,14 @@ def segment_volume(hu: np.ndarray, spacing: Sequence[float], seg: Stage, pre: Pr
         if cbox[0] == 0 or cbox[3] >= grid.shape[0]:
             warnings.append(f"{PARTIAL_VERTEBRA}:{VERTEBRAE[index]}")
         in_view.append((label, bbox))
-    if not levels_in_order(coarse, [label for label, _ in in_view]):
-        warnings.append(OUT_OF_ORDER)
     durations["segmentation"] = time.perf_counter() - started
     started = time.perf_counter()
     anatomy = assess(coarse, raw, coarse_hu, grid.spacing, superior)
     durations["plausibility"] = time.perf_counter() - started
+    if any(f.code is AnatomyReason.LEVELS_OUT_OF_ORDER for f in anatomy.failures):
+        warnings.append(OUT_OF_ORDER)
     return Segmentation(label_map=label_map, in_view=in_view, warnings=warnings,
                         anatomy=anatomy)
-
-
-def levels_in_order(labels: np.ndarray, levels: Sequence[int]) -> bool:
-    """Whether the levels' centres along z follow their order (either way along the axis)."""
-    if len(levels) < 3:
-        return True
-    centres = ndimage.center_of_mass(labels > 0, labels, list(levels))
-    steps = np.diff([c[0] for c in centres])
-    return bool((steps > 0).all() or (steps < 0).all())
 
 
 def run_pipeline(volume: Volume, runtime: ModelRuntime, settings: Settings, *,

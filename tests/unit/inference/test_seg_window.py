@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from models.config import default_preprocessing
-from service.inference.pipeline import levels_in_order, segmentation_labels, spine_window
+from service.inference.pipeline import segmentation_labels, spine_window
 
 
 class RecordingNet:
@@ -77,15 +77,3 @@ def test_one_pass_without_a_field_of_view() -> None:
 def test_field_of_view_must_be_positive() -> None:
     with pytest.raises(ValueError):
         default_preprocessing(seg_field_of_view_mm=0.0)
-
-
-def test_levels_in_order_either_way_along_z() -> None:
-    labels = np.zeros((40, 10, 10), np.uint8)
-    for level in range(1, 6):
-        labels[5 * level:5 * level + 4, 3:7, 3:7] = level
-    assert levels_in_order(labels, [1, 2, 3, 4, 5])
-    assert levels_in_order(labels[::-1], [1, 2, 3, 4, 5])  # the other slice order
-    assert levels_in_order(labels, [2, 4])  # two levels give no order to break
-    swapped = labels.copy()
-    swapped[labels == 2], swapped[labels == 4] = 4, 2
-    assert not levels_in_order(swapped, [1, 2, 3, 4, 5])
