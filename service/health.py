@@ -19,6 +19,8 @@ from service import __version__
 from service.config import Settings
 from service.db import migrate
 from service.db.session import ping
+from service.model_manifest import ManifestError, manifest_path, model_identity
+from service.queue import WORKER_KEY_PATTERN
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,6 @@ def check_broker(settings: Settings) -> dict[str, Any]:
     return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
-WORKER_KEY_PATTERN = "cspine:worker:*"
-"""Written by each worker process (``service.worker``) with a TTL; read here by pattern so
-the web side needs no import of the worker."""
 
 
 def check_workers(settings: Settings) -> dict[str, Any]:
@@ -95,14 +94,13 @@ def check_workers(settings: Settings) -> dict[str, Any]:
 
 def check_model(settings: Settings) -> dict[str, Any]:
     """Presence and identity of the model artifacts; the worker reports its own provider."""
-    manifest = settings.model_dir / "manifest.json"
-    if not manifest.is_file():
+    if not manifest_path(settings.model_dir).is_file():
         return {"status": "absent", "model_dir": str(settings.model_dir)}
     try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError) as exc:
+        identity = model_identity(settings.model_dir)
+    except ManifestError as exc:
         return {"status": "invalid", "detail": str(exc)[:200]}
-    return {"status": "present", "name": data.get("name"), "version": data.get("version")}
+    return {"status": "present", "name": identity.name, "version": identity.version}
 
 
 def overall(components: dict[str, dict[str, Any]]) -> str:

@@ -26,6 +26,12 @@ TASK_ANALYZE_SERIES = "cspine.analyze_series"
 TASK_EXPORT_RESULT = "cspine.export_result"
 TASK_NOTIFY = "cspine.notify"
 
+WORKER_KEY_PREFIX = "cspine:worker:"
+"""Broker key prefix of the worker heartbeats: each worker process writes
+``<prefix><host>:<pid>`` with a TTL (``service.worker``), ``service.health`` reads them by
+:data:`WORKER_KEY_PATTERN`, so the web side needs no import of the worker."""
+WORKER_KEY_PATTERN = WORKER_KEY_PREFIX + "*"
+
 
 class BrokerNotConfigured(RuntimeError):
     """No broker URL: ``triage serve`` provides one; standalone processes must be told."""

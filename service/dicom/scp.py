@@ -25,9 +25,6 @@ import ssl
 import threading
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime
 from io import BytesIO
 from typing import Any, cast
 
@@ -63,7 +60,7 @@ from service.db.tables import MppsStatus, PerformedProcedureStep, PerformedProce
 from service.db.types import utcnow
 from service.dicom.security import AccessPolicy, Rejection
 from service.ingest.bookkeeper import (
-    AssociationEnded,
+    AssociationRecord,
     AssociationRejected,
     Bookkeeper,
     ReceivedInstance,
@@ -94,28 +91,6 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _requires_pixel_data(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
-
-
-@dataclass
-class AssociationStats:
-    """What one accepted association has done so far (owned by its reactor thread)."""
-
-    association_id: str
-    calling_ae: str
-    called_ae: str
-    address: str
-    port: int
-    started_at: datetime
-    started_monotonic: float
-    instances: int = 0
-    bytes: int = 0
-    duplicates: int = 0
-    conflicts: int = 0
-    mpps: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-
-    def failed(self, status: int) -> None:
-        self.failures[f"0x{status:04X}"] += 1
 
 
 class _AssociationServer(ThreadedAssociationServer):
@@ -155,7 +130,7 @@ class StorageSCP:
         self.ae = self._make_ae()
         self.server: _AssociationServer | None = None
         self._thread: threading.Thread | None = None
-        self._stats: dict[int, AssociationStats] = {}
+        self._stats: dict[int, AssociationRecord] = {}
         self._stats_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -253,16 +228,17 @@ class StorageSCP:
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             assoc.kill()
             return
-        stats = AssociationStats(association_id=uuid.uuid4().hex, calling_ae=calling,
-                                 called_ae=called, address=address, port=port,
-                                 started_at=utcnow(), started_monotonic=time.monotonic())
+        stats = AssociationRecord(association_id=uuid.uuid4().hex, calling_ae=calling,
+                                  called_ae=called, address=address, port=port,
+                                  started_at=utcnow(), tls=self.ssl_context is not None)
         with self._stats_lock:
             self._stats[id(assoc)] = stats
 
-    def _stats_for(self, assoc: Any) -> AssociationStats:
+    def _stats_for(self, assoc: Any) -> AssociationRecord:
         stats = self._stats.get(id(assoc))
         if stats is None:  # pragma: no cover - EVT_REQUESTED always runs first
-            stats = AssociationStats(uuid.uuid4().hex, "", "", "", 0, utcnow(), time.monotonic())
+            stats = AssociationRecord(uuid.uuid4().hex, "", "", "", 0, utcnow(),
+                                      tls=self.ssl_context is not None)
             with self._stats_lock:
                 self._stats[id(assoc)] = stats
         return stats
@@ -272,13 +248,7 @@ class StorageSCP:
             stats = self._stats.pop(id(assoc), None)
         if stats is None:
             return
-        self.bookkeeper.submit(AssociationEnded(
-            association_id=stats.association_id, calling_ae=stats.calling_ae,
-            called_ae=stats.called_ae, address=stats.address, port=stats.port,
-            started_at=stats.started_at, ended_at=utcnow(), how=how,
-            instances=stats.instances, bytes=stats.bytes, duplicates=stats.duplicates,
-            conflicts=stats.conflicts, failures=dict(stats.failures),
-            tls=self.ssl_context is not None, mpps=stats.mpps))
+        self.bookkeeper.submit(stats.end(how))
 
     def on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection during negotiation (e.g. too many associations)."""
@@ -314,7 +284,7 @@ class StorageSCP:
             stats.failed(STATUS_UNEXPECTED)
             return _status(STATUS_UNEXPECTED, "unexpected error; see SCP log")
 
-    def _store(self, event: evt.Event, stats: AssociationStats) -> int | Dataset:
+    def _store(self, event: evt.Event, stats: AssociationRecord) -> int | Dataset:
         request = cast(C_STORE, event.request)
         transfer_syntax = event.context.transfer_syntax
         dataset_bytes = cast(BytesIO, request.DataSet).getvalue()

@@ -44,6 +44,14 @@ def orthonormal_directions(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return row, col, np.cross(row, col)
 
 
+def slice_normal(iop: np.ndarray | tuple[float, ...] | list[float]) -> np.ndarray | None:
+    """Unit normal ``row_dir x col_dir`` of a slice from its 6-value Image Orientation
+    (Patient); None for a degenerate orientation. The one slice-normal function: the loader
+    sorts along it and the ingest rules check orientation and obliquity with it."""
+    directions = orthonormal_directions(np.asarray(iop, dtype=np.float64))
+    return None if directions is None else directions[2]
+
+
 def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     """Angle between two vectors in degrees (0..180)."""
     cosine = np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))

@@ -1,5 +1,7 @@
 """The model manifest (``<model_dir>/manifest.json``): what the runtime needs to trust a model.
 
+The file itself is read by :mod:`service.model_manifest` (the one reader, also used by the
+edge and the health check for the model's name and version); this module validates it.
 It names each ONNX file with its sha256 and size (checked on load, see ``runtime``), the
 tensors each one takes, the preprocessing the model was trained with (the pipeline applies
 exactly these values, so training and serving cannot drift apart), and the decision thresholds
@@ -18,15 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.findings import VERTEBRAE
 from service.imaging.preprocess import Window as PreWindow
 from service.inference.crops import StackSpec
+from service.model_manifest import MANIFEST_NAME, ManifestError, read_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
+__all__ = ["MANIFEST_NAME", "ManifestError", "ModelManifest", "dump_manifest", "load_manifest"]
+
 FORMAT_VERSION: Literal[1] = 1
-
-
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable or inconsistent; the model cannot be used."""
 
 
 class _Strict(BaseModel):
@@ -194,12 +194,7 @@ class ModelManifest(_Strict):
 def load_manifest(model_dir: Path) -> ModelManifest:
     """Read and validate ``model_dir/manifest.json``; raise :class:`ManifestError` if unusable."""
     path = Path(model_dir) / MANIFEST_NAME
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ManifestError(f"no model manifest at {path}") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read model manifest {path}: {exc}") from exc
+    raw = read_manifest(model_dir)
     try:
         manifest = ModelManifest.model_validate(raw)
     except ValidationError as exc:

@@ -70,8 +70,9 @@ class ReceivedInstance:
 
 
 @dataclass(slots=True)
-class AssociationEnded:
-    """An accepted association that was released or aborted, with what it brought."""
+class AssociationRecord:
+    """One accepted association: counted by the SCP while it runs (only its reactor thread
+    touches it), handed to the bookkeeper once released or aborted (``ended_at``, ``how``)."""
 
     association_id: str
     calling_ae: str
@@ -79,9 +80,10 @@ class AssociationEnded:
     address: str
     port: int
     started_at: datetime
-    ended_at: datetime
-    how: str
-    """``released`` or ``aborted``."""
+    ended_at: datetime | None = None
+    """Set when the association ends; the bookkeeper writes only ended ones."""
+    how: str = ""
+    """``released`` or ``aborted`` once ended."""
     instances: int = 0
     bytes: int = 0
     duplicates: int = 0
@@ -90,6 +92,15 @@ class AssociationEnded:
     """Failure status (hex) -> count."""
     tls: bool = False
     mpps: int = 0
+
+    def failed(self, status: int) -> None:
+        key = f"0x{status:04X}"
+        self.failures[key] = self.failures.get(key, 0) + 1
+
+    def end(self, how: str, at: datetime | None = None) -> AssociationRecord:
+        self.how = how
+        self.ended_at = at or utcnow()
+        return self
 
 
 @dataclass(slots=True)
@@ -103,7 +114,7 @@ class AssociationRejected:
     tls: bool = False
 
 
-BookItem = ReceivedInstance | AssociationEnded | AssociationRejected
+BookItem = ReceivedInstance | AssociationRecord | AssociationRejected
 
 
 @dataclass(slots=True)
@@ -377,7 +388,7 @@ def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
     return result
 
 
-def write_association(session: Session, item: AssociationEnded | AssociationRejected) -> None:
+def write_association(session: Session, item: AssociationRecord | AssociationRejected) -> None:
     """Audit one association; an ended one also starts the release clock of its series."""
     if isinstance(item, AssociationRejected):
         record(session, EVENT_ASSOCIATION, outcome="failure", actor=item.calling_ae,
@@ -386,13 +397,14 @@ def write_association(session: Session, item: AssociationEnded | AssociationReje
                         "calling_ae": item.calling_ae, "address": item.address,
                         "port": item.port, "tls": item.tls})
         return
+    ended_at = item.ended_at or utcnow()
     session.execute(update(Series)
                     .where(Series.last_association_id == item.association_id,
                            Series.state == SeriesState.RECEIVING)
-                    .values(association_released_at=item.ended_at, updated_at=utcnow()))
+                    .values(association_released_at=ended_at, updated_at=utcnow()))
     outcome = "success" if item.how == "released" and not item.failures else "warning"
     record(session, EVENT_ASSOCIATION, outcome=outcome, actor=item.calling_ae,
-           source_ip=item.address, occurred_at=item.ended_at,
+           source_ip=item.address, occurred_at=ended_at,
            details={"accepted": True, "association_id": item.association_id,
                     "ended": item.how, "called_ae": item.called_ae,
                     "calling_ae": item.calling_ae, "address": item.address, "port": item.port,
@@ -400,7 +412,7 @@ def write_association(session: Session, item: AssociationEnded | AssociationReje
                     "duplicates": item.duplicates, "conflicts": item.conflicts,
                     "failures": item.failures, "mpps": item.mpps, "tls": item.tls,
                     "started_at": item.started_at.isoformat(),
-                    "duration_s": round((item.ended_at - item.started_at).total_seconds(), 3)})
+                    "duration_s": round((ended_at - item.started_at).total_seconds(), 3)})
 
 
 def write_batch(session: Session, items: Sequence[BookItem], *,
@@ -583,7 +595,7 @@ def _is_outage(exc: Exception) -> bool:
 def _describe(item: BookItem) -> str:
     if isinstance(item, ReceivedInstance):
         return f"instance {item.sop_instance_uid} ({item.stored.relative_path})"
-    if isinstance(item, AssociationEnded):
+    if isinstance(item, AssociationRecord):
         return f"association {item.association_id}"
     return f"rejected association from {item.calling_ae}@{item.address}"
 

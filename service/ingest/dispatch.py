@@ -15,7 +15,6 @@ analysis atomically itself (``PENDING``/``QUEUED`` -> ``RUNNING``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from service.audit import record
 from service.config import Settings
 from service.db.tables import Analysis, AnalysisState, Series, SeriesState
 from service.db.types import utcnow
+from service.model_manifest import model_version as manifest_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,7 @@ def affected_rows(result: Result[Any]) -> int:
 
 def model_version(settings: Settings) -> str:
     """``version`` from ``<model_dir>/manifest.json``; ``unknown`` when absent or unreadable."""
-    manifest = settings.model_dir / "manifest.json"
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "unknown"
-    version = data.get("version") if isinstance(data, dict) else None
-    return str(version)[:64] if version else "unknown"
+    return manifest_model_version(settings.model_dir)
 
 
 def input_fingerprint(pairs: Iterable[tuple[str, str]]) -> str:

@@ -26,6 +26,7 @@ import yaml
 from pydicom.dataset import Dataset
 
 from service.config import Settings
+from service.imaging.geometry import slice_normal
 from service.ingest.header import number, text
 from service.outcomes import SeriesReason
 
@@ -236,10 +237,13 @@ def slices_from_dataset(ds: Dataset) -> list[SliceInfo]:
 
 
 def _normal(orientation: Sequence[float]) -> Vector:
-    rx, ry, rz, cx, cy, cz = orientation
-    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    length = math.sqrt(nx * nx + ny * ny + nz * nz) or 1.0
-    return nx / length, ny / length, nz / length
+    """:func:`service.imaging.geometry.slice_normal` as a plain tuple. A degenerate
+    orientation gives the zero vector: 90 degrees from every direction, so refused as
+    MIXED_ORIENTATION (or NOT_AXIAL)."""
+    normal = slice_normal(tuple(orientation))
+    if normal is None:
+        return 0.0, 0.0, 0.0
+    return float(normal[0]), float(normal[1]), float(normal[2])
 
 
 def _dot(a: Vector, b: Vector) -> float:

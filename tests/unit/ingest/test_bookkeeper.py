@@ -15,7 +15,7 @@ from service.ingest.bookkeeper import (
     EVENT_DUPLICATE_CONFLICT,
     EVENT_REBUILD,
     EVENT_SERIES_REOPENED,
-    AssociationEnded,
+    AssociationRecord,
     AssociationRejected,
     Bookkeeper,
     rebuild_from_spool,
@@ -106,7 +106,7 @@ def test_association_end_starts_release_clock_and_is_audited(ingest_env: IngestE
     spec = SeriesSpec(slices=2)
     items = [ingest_env.receive(spec, i, association_id="assoc-1") for i in range(2)]
     ended_at = items[-1].received_at + timedelta(seconds=1)
-    end = AssociationEnded(association_id="assoc-1", calling_ae="TESTSCU",
+    end = AssociationRecord(association_id="assoc-1", calling_ae="TESTSCU",
                            called_ae="CSPINE_TRIAGE", address="127.0.0.1", port=5000,
                            started_at=items[0].received_at, ended_at=ended_at, how="released",
                            instances=2, bytes=123, failures={"0xC210": 1})
@@ -212,7 +212,7 @@ def test_a_poison_item_is_dropped_the_rest_written(ingest_env: IngestEnv) -> Non
     keeper = Bookkeeper(ingest_env.factory, interval_s=10)
     spec = SeriesSpec(slices=3)
     items = [ingest_env.receive(spec, i) for i in range(3)]
-    poison = AssociationEnded(association_id="x", calling_ae="SCU", called_ae="CSPINE_TRIAGE",
+    poison = AssociationRecord(association_id="x", calling_ae="SCU", called_ae="CSPINE_TRIAGE",
                               address="127.0.0.1", port=1, started_at=items[0].received_at,
                               ended_at=items[0].received_at, how="released",
                               failures={"0xC210": object()})  # type: ignore[dict-item]

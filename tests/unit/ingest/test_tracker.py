@@ -190,14 +190,14 @@ def test_instance_arriving_during_claim_prevents_completion(ingest_env: IngestEn
 
 
 def test_association_release_then_short_idle(ingest_env: IngestEnv) -> None:
-    from service.ingest.bookkeeper import AssociationEnded
+    from service.ingest.bookkeeper import AssociationRecord
 
     clock = Clock()
     spec = SeriesSpec(slices=12)
     items = receive_series(ingest_env, spec, association_id="assoc-x")
     tracker = make_tracker(ingest_env, FakeBroker(), clock)
     assert tracker.tick().completed == []
-    end = AssociationEnded("assoc-x", "SCU", "CSPINE_TRIAGE", "127.0.0.1", 1, items[0].received_at,
+    end = AssociationRecord("assoc-x", "SCU", "CSPINE_TRIAGE", "127.0.0.1", 1, items[0].received_at,
                            utcnow(), "released")
     with ingest_env.factory() as session, session.begin():
         write_batch(session, [end])
