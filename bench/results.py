@@ -99,6 +99,9 @@ def main() -> None:
               f"{seconds:8.2f} {seconds / base_time:7.2f}")
     print(f"(ratios against '{base_name}', median of {args.repeat} builds, "
           "build time includes writing to memory)")
+    for name, size, seconds, _ in results[1:]:
+        print(f"ratio {name} / {base_name}: size {size / base_size:.2f}x, "
+              f"build time {seconds / base_time:.2f}x")
 
     seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm)
     times = []
