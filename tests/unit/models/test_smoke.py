@@ -146,7 +146,8 @@ def test_tiny_training_export_and_pipeline(tiny_layout: Path, tmp_path: Path) ->
     findings = run_pipeline(volume, runtime, settings)
     assert [v.vertebra for v in findings.vertebrae] == list(VERTEBRAE)
     assert findings.label_map is not None and findings.label_map.shape == volume.shape
-    assert set(findings.stage_durations) == {"preprocess", "segmentation", "classification"}
+    assert set(findings.stage_durations) == {"preprocess", "segmentation", "plausibility",
+                                             "classification"}
     assert 0.0 <= findings.patient_probability <= 1.0
 
 
