@@ -122,7 +122,13 @@ def _uncompressed_copy(ds: Dataset, sop: str, accepted: set[tuple[str, str]]) ->
         if (sop, str(ts)) in accepted:
             if ds.file_meta.TransferSyntaxUID.is_compressed:
                 ds.decompress()
-            ds.file_meta.TransferSyntaxUID = UID(ts)
+            target = UID(ts)
+            ds.file_meta.TransferSyntaxUID = target
+            # pynetdicom refuses a dataset whose recorded encoding disagrees with its
+            # transfer syntax ("encoded as explicit VR ... but the file meta has implicit"):
+            # record the encoding it will be sent in.
+            ds.set_original_encoding(target.is_implicit_VR, target.is_little_endian,
+                                     ds.original_character_set)
             return ds
     return None
 
