@@ -32,7 +32,8 @@ from service.db.tables import Analysis, Series
 from service.synthetic import PhantomOptions, generate_phantom, write_series
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, free_port
 from tests.integration.worker_support import SHIPPED_MODEL, WorkerProcess, worker_env
-from tests.unit.ingest.peers import Orthanc, ScpProcess, wait_until
+from tests.peers.dicom import ScpProcess, wait_until
+from tests.peers.orthanc import Orthanc
 
 COMMERCIAL_REFERENCE_S = 180.0
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -36,7 +36,8 @@ from service.web.app import create_app
 from tests.conftest import free_port
 from tests.integration.test_e2e_orthanc import SEG_CLASSES, SR_CLASSES
 from tests.integration.worker_support import WorkerProcess, shipped_model_dir, worker_env
-from tests.unit.ingest.peers import Orthanc, ScpProcess, storescu, wait_until
+from tests.peers.dicom import ScpProcess, storescu, wait_until
+from tests.peers.orthanc import Orthanc
 from tests.unit.web.helpers import bearer
 
 pytestmark = pytest.mark.slow

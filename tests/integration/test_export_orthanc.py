@@ -12,14 +12,14 @@ from service.db.tables import ExportState
 from service.dicom.scu import export_analysis, export_targets, plan_exports, send_datasets
 from service.results.build import build_and_store
 from service.results.uids import ObjectKind
-from tests.integration.dicom_peers import OrthancServer, orthanc
 from tests.integration.export_support import AnalysedStudy, analysed_study, export_rows
+from tests.peers.orthanc import Orthanc, orthanc
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
-def _modalities(server: OrthancServer, study_uid: str) -> dict[str, int]:
+def _modalities(server: Orthanc, study_uid: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for instance in server.instances_of_study(study_uid):
         tags = server.get(f"/instances/{instance['ID']}/simplified-tags")
@@ -27,7 +27,7 @@ def _modalities(server: OrthancServer, study_uid: str) -> dict[str, int]:
     return counts
 
 
-def _send_ct(server: OrthancServer, study: AnalysedStudy, settings: Settings) -> None:
+def _send_ct(server: Orthanc, study: AnalysedStudy, settings: Settings) -> None:
     destination = PacsDestination(ae_title=server.ae_title, host="127.0.0.1",
                                   port=server.dicom_port)
     outcomes = send_datasets(destination, study.case.datasets, settings=settings)

@@ -17,8 +17,8 @@ from service.db.tables import Analysis, ExportState
 from service.dicom.scu import ExportError, export_analysis, send_files
 from service.results.uids import ObjectKind
 from tests.conftest import free_port
-from tests.integration.dicom_peers import storescp
 from tests.integration.export_support import analysed_study, audit_events, export_rows
+from tests.peers.dicom import storescp
 
 
 def test_sr_and_seg_reach_storescp_with_explicit_fallback(tmp_path: Path, migrated_url: str,

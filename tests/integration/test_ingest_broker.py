@@ -18,8 +18,8 @@ from service.dicom.runner import IngestNode
 from service.embedded import EmbeddedRedis, find_redis_server
 from service.queue import ANALYSIS_QUEUE, TASK_ANALYZE_SERIES
 from tests.conftest import free_port, missing
+from tests.peers.dicom import storescu, wait_until
 from tests.unit.ingest.ctdata import SeriesSpec, write_series
-from tests.unit.ingest.peers import storescu, wait_until
 
 pytestmark = pytest.mark.slow
 

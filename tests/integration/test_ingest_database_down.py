@@ -16,9 +16,8 @@ from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series
 from service.dicom import runner
 from service.dicom.runner import IngestNode
-from tests.unit.dicom.conftest import Scu
+from tests.peers.dicom import Scu, wait_until
 from tests.unit.ingest.ctdata import SeriesSpec, write_series
-from tests.unit.ingest.peers import wait_until
 
 pytestmark = pytest.mark.slow
 

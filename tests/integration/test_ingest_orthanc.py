@@ -13,8 +13,9 @@ from service.db import migrate
 from service.db.tables import AuditEvent, Instance, Series
 from service.dicom.runner import IngestNode
 from service.ingest.bookkeeper import EVENT_ASSOCIATION
+from tests.peers.dicom import wait_until
+from tests.peers.orthanc import Orthanc
 from tests.unit.ingest.ctdata import SeriesSpec, write_series
-from tests.unit.ingest.peers import Orthanc, wait_until
 
 pytestmark = pytest.mark.slow
 

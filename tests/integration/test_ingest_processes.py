@@ -13,8 +13,8 @@ from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, Instance, Series
 from tests.conftest import free_port
+from tests.peers.dicom import ScpProcess, storescu, wait_until
 from tests.unit.ingest.ctdata import SeriesSpec, write_series
-from tests.unit.ingest.peers import ScpProcess, storescu, wait_until
 
 pytestmark = pytest.mark.slow
 

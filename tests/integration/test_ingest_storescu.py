@@ -19,8 +19,8 @@ from service.db import migrate
 from service.db.tables import Analysis, AuditEvent, Instance, Series, SeriesState
 from service.dicom.runner import IngestNode
 from service.ingest.bookkeeper import EVENT_ASSOCIATION
+from tests.peers.dicom import storescu, wait_until
 from tests.unit.ingest.ctdata import SeriesSpec, WrittenSeries, write_series
-from tests.unit.ingest.peers import storescu, wait_until
 
 pytestmark = pytest.mark.slow
 

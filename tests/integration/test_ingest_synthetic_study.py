@@ -17,7 +17,7 @@ from service.dicom.runner import IngestNode
 from service.synthetic.dicom_writer import TransferSyntax, WriterOptions, write_study
 from service.synthetic.options import PhantomOptions
 from service.synthetic.phantom import generate_phantom
-from tests.unit.ingest.peers import storescu, wait_until
+from tests.peers.dicom import storescu, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ from service.db.types import utcnow
 from service.ingest.bookkeeper import rebuild_from_spool
 from service.ingest.dispatch import create_analysis, input_fingerprint, model_version
 from service.ingest.spool import Spool
-from tests.unit.ingest.peers import wait_until
+from tests.peers.dicom import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL = Path(os.environ.get("CSPINE_TEST_MODEL_DIR") or REPO / "models" / "cspine-v1")

@@ -33,7 +33,7 @@ from service.dicom.scp import (
     STATUS_SUCCESS,
 )
 from service.ingest.bookkeeper import EVENT_ASSOCIATION, EVENT_DUPLICATE_CONFLICT
-from tests.unit.dicom.conftest import Scu
+from tests.peers.dicom import Scu
 from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset, write_series
 
 pytestmark = pytest.mark.usefixtures("raw_files")
