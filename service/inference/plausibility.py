@@ -3,9 +3,9 @@
 Runs between segmentation and classification on the segmentation grid (isotropic
 ``seg_spacing_mm``). It never changes a label; it says which levels it can vouch for and,
 for every rule that fails, why (an :class:`~service.outcomes.AnatomyReason` code, the level,
-the measured value and the allowed range). :mod:`service.inference.pipeline` lets a fracture be flagged only on
-a level that passes every level rule in a column that passes every column rule; anything else
-makes the answer INCONCLUSIVE (analysed, neither flagged nor cleared).
+the measured value and the allowed range). :mod:`service.inference.pipeline` lets a fracture
+be flagged only on a level that passes every level rule in a column that passes every column
+rule; anything else makes the answer INCONCLUSIVE (analysed, neither flagged nor cleared).
 
 Geometry. All lengths are millimetres measured along the **spine's own axis**: the first
 principal axis of the cervical voxels, oriented towards the patient's head (``superior``, a
