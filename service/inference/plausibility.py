@@ -57,12 +57,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from service.findings import VERTEBRAE
 from service.outcomes import AnatomyReason
 
 logger = logging.getLogger(__name__)
 
-LEVEL_NAMES: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-"""Label ``i + 1`` is ``LEVEL_NAMES[i]`` (as ``service.findings.VERTEBRAE``)."""
+LEVEL_NAMES: tuple[str, ...] = VERTEBRAE
+"""Label ``i + 1`` is ``LEVEL_NAMES[i]``: the findings contract's names, not a copy."""
 
 
 @dataclass(frozen=True)
