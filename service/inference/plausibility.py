@@ -175,10 +175,6 @@ class RuleFailure:
             data["measured"] = round(float(self.measured), 2)
         return data
 
-    def text(self) -> str:
-        where = f"{self.level}: " if self.level else ""
-        return f"{self.code.value} ({where}{self.detail})"
-
 
 @dataclass(frozen=True)
 class LevelMeasure:
