@@ -205,6 +205,9 @@ class Settings(BaseSettings):
     web_port: int = Field(default=8000, ge=1, le=65535)
     secret_key: SecretStr = SecretStr("change-me-in-production")
     session_max_age_s: int = 8 * 3600
+    metrics_token: SecretStr | None = None
+    """Bearer token a Prometheus scraper sends to ``/metrics``. Unset: ``/metrics`` answers
+    only an admin (session or an admin's API token), never an anonymous caller."""
 
     # --- audit and logging ------------------------------------------------------------------
     audit_syslog_host: str | None = None
