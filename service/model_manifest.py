@@ -68,3 +68,15 @@ def model_version(model_dir: Path | str) -> str:
     except ManifestError:
         return UNKNOWN_VERSION
     return version[:64] if version else UNKNOWN_VERSION
+
+
+def manifest_sha256(model_dir: Path | str) -> str | None:
+    """SHA-256 of ``manifest.json`` itself: one hash that names the exact model, since the
+    manifest lists the sha256 of every weight file (the worker checks those at load). None
+    when the manifest cannot be read. Shown per worker on the admin status page."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(manifest_path(model_dir).read_bytes()).hexdigest()
+    except OSError:
+        return None

@@ -13,7 +13,6 @@ the analysis FAILED with its error, visible through the API and retryable by an 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -27,7 +26,12 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,13 +48,14 @@ from service.db.tables import (
     SeriesState,
 )
 from service.db.types import utcnow
+from service.heartbeat import Heartbeat
+from service.model_manifest import manifest_sha256
 from service.outcomes import SeriesReason, failure_codes
 from service.queue import (
     EXPORT_QUEUE,
     TASK_ANALYZE_SERIES,
     TASK_EXPORT_RESULT,
     TASK_NOTIFY,
-    WORKER_KEY_PREFIX,
     enqueue_export,
     make_celery,
 )
@@ -59,7 +64,6 @@ logger = logging.getLogger(__name__)
 
 FINAL_STATES = {AnalysisState.DONE, AnalysisState.NOT_ANALYZABLE, AnalysisState.SUPERSEDED,
                 AnalysisState.FAILED}
-HEARTBEAT_TTL_S = 120
 
 
 class TransientError(Exception):
@@ -87,6 +91,7 @@ class WorkerContext:
     engine: Engine
     session_factory: sessionmaker[Session]
     celery: Celery
+    heartbeat: Heartbeat | None = None
 
     @classmethod
     def create(cls, settings: Settings, celery: Celery) -> WorkerContext:
@@ -453,24 +458,23 @@ def retry_analysis(session: Session, analysis_id: int, *, actor: str) -> Analysi
 
 
 def _announce(ctx: WorkerContext) -> None:
-    """Publish this process's model and provider for ``/healthz`` (best effort)."""
+    """Start this process's heartbeat (``service.heartbeat``): host, pid, model name,
+    version and manifest hash, execution provider; read by ``/healthz`` and the admin status
+    page. Best effort: a worker whose model fails to load still announces itself, with the
+    error."""
+    if ctx.heartbeat is not None or not ctx.settings.broker_url:
+        return
     try:
-        import redis
-
         from service.inference.runtime import get_runtime
 
         info: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
-                                "at": utcnow().isoformat()}
+                                "started_at": utcnow().isoformat(),
+                                "model_sha256": manifest_sha256(ctx.settings.model_dir)}
         try:
             info.update(get_runtime(ctx.settings).describe())
         except Exception as exc:  # noqa: BLE001 - reported, the worker keeps serving
             info["model_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        assert ctx.settings.broker_url
-        client = redis.Redis.from_url(ctx.settings.broker_url, socket_timeout=2,
-                                      socket_connect_timeout=2)
-        client.set(f"{WORKER_KEY_PREFIX}{info['host']}:{info['pid']}", json.dumps(info),
-                   ex=HEARTBEAT_TTL_S)
-        client.close()
+        ctx.heartbeat = Heartbeat(ctx.settings.broker_url, info).start()
     except Exception:  # noqa: BLE001
         logger.warning("could not announce the worker on the broker", exc_info=True)
 
@@ -491,7 +495,23 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
 
     @worker_process_init.connect(weak=False)
     def _init_process(**_kwargs: Any) -> None:
-        _announce(context())
+        _announce(context())  # each prefork child: the processes that run the model
+
+    @worker_ready.connect(weak=False)
+    def _ready(sender: Any = None, **_kwargs: Any) -> None:
+        # solo and threads pools run tasks in this process and fire no worker_process_init;
+        # a prefork parent must not load the model (nor CUDA) before it forks.
+        pool = getattr(sender, "pool", None)
+        if pool is not None and "prefork" not in type(pool).__module__:
+            _announce(context())
+
+    @worker_process_shutdown.connect(weak=False)
+    @worker_shutdown.connect(weak=False)
+    def _stop_heartbeat(**_kwargs: Any) -> None:
+        ctx = contexts.get(os.getpid())
+        if ctx is not None and ctx.heartbeat is not None:
+            ctx.heartbeat.stop()
+            ctx.heartbeat = None
 
     @app.task(name=TASK_ANALYZE_SERIES, bind=True, max_retries=settings.task_max_retries,
               acks_late=True)
