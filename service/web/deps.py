@@ -2,6 +2,7 @@
 
 Who is calling: :data:`CurrentUser` (API: 401 without a session or token), :data:`AdminUser`
 (403 for a radiologist), :data:`PageUser` (pages: a redirect to ``/login`` instead of a 401),
+:data:`AdminPage` (admin pages: the redirect for anonymous callers, 403 for a radiologist),
 :data:`OptionalUser` (``/healthz``: anonymous allowed). :data:`CsrfChecked` guards every
 state-changing route: a caller authenticated by its session cookie must send the page's CSRF
 token (form field or ``X-CSRF-Token`` header); a bearer-token caller has no ambient cookie
@@ -119,9 +120,17 @@ def get_page_user(request: Request, actor: OptionalUser) -> Actor:
     return actor
 
 
+def get_admin_page_user(actor: Annotated[Actor, Depends(get_page_user)]) -> Actor:
+    """An admin page: anonymous callers go to ``/login``, a radiologist is refused (403)."""
+    if not actor.is_admin:
+        raise HTTPException(status_code=403, detail="admin role required")
+    return actor
+
+
 CurrentUser = Annotated[Actor, Depends(get_current_user)]
 AdminUser = Annotated[Actor, Depends(get_admin_user)]
 PageUser = Annotated[Actor, Depends(get_page_user)]
+AdminPage = Annotated[Actor, Depends(get_admin_page_user)]
 
 
 async def check_csrf(request: Request, actor: OptionalUser, codec: CodecDep) -> None:
