@@ -25,15 +25,16 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, select, text
 
+from harness.peers.dicom import ScpProcess
+from harness.peers.orthanc import Orthanc
+from harness.process import free_port, wait_until
+from harness.services import POSTGRES_ADMIN_URL, REDIS_URL
+from harness.worker import SHIPPED_MODEL, WorkerProcess, worker_env
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, Series
 from service.synthetic import PhantomOptions, generate_phantom, write_series
-from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, free_port
-from tests.integration.worker_support import SHIPPED_MODEL, WorkerProcess, worker_env
-from tests.peers.dicom import ScpProcess, wait_until
-from tests.peers.orthanc import Orthanc
 
 COMMERCIAL_REFERENCE_S = 180.0
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"

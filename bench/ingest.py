@@ -41,7 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.unit.ingest.ctdata import SeriesSpec, WrittenSeries, write_series
+from harness.data.ctdata import SeriesSpec, WrittenSeries, write_series
+from harness.dcmtk import dcmtk
 
 BARE_SCP = textwrap.dedent("""
     import os, sys
@@ -112,14 +113,24 @@ class Result:
     db_lag: list[float] = field(default_factory=list)
 
 
+def dcmtk_tool(tool: str) -> str:
+    """DCMTK's ``tool`` by what it is: with the virtualenv on PATH, ``storescp`` there is
+    pynetdicom's script, which rejects ``--fork`` ("receiver exited with 2")."""
+    path = dcmtk(tool)
+    if path is None:
+        raise RuntimeError(f"DCMTK's {tool} not found (Debian package dcmtk)")
+    return path
+
+
 def storescu_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
 def start_storescp(port: int, run_dir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["storescp", "--fork", "-aet", "STORESCP", "-od", str(run_dir),
-                             str(port)], env=storescu_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen([dcmtk_tool("storescp"), "--fork", "-aet", "STORESCP", "-od",
+                             str(run_dir), str(port)], env=storescu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 def start_bare(port: int, run_dir: Path) -> subprocess.Popen[bytes]:
@@ -194,7 +205,7 @@ def count_rows(database_url: str | None) -> Callable[[Path], int]:
 def send(port: int, called: str, parts: Sequence[Sequence[Path]]) -> float:
     """Run one storescu per part concurrently; wall seconds from first start to last exit."""
     started = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1",
+    procs = [subprocess.Popen([dcmtk_tool("storescu"), "-aet", "BENCH", "-aec", called, "127.0.0.1",
                                str(port), *map(str, part)], env=storescu_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for part in parts]
@@ -270,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the series and every receiver's files go (one disk)")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
-        if not shutil.which(tool):
-            print(f"{tool} not found: install the Debian package dcmtk", file=sys.stderr)
+        if not dcmtk(tool):
+            print(f"DCMTK's {tool} not found (pynetdicom's script of that name does not count): "
+                  "install the Debian package dcmtk", file=sys.stderr)
             return 2
 
     args.workdir.mkdir(parents=True, exist_ok=True)

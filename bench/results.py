@@ -18,12 +18,12 @@ import time
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
+from harness.data.results_inputs import make_ct_series, volume_from
 from service.config import SegFormat
 from service.findings import VERTEBRAE, Findings, VertebraFinding
 from service.results.common import AlgorithmInfo
 from service.results.seg import build_segmentation
 from service.results.sr import build_report
-from tests.unit.results.synthetic_inputs import make_ct_series, volume_from
 
 ROOT = "1.2.826.0.1.3680043.10.1455."
 

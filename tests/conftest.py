@@ -2,13 +2,14 @@
 
 A test that needs a server or tool that is absent *fails* where ``TEST_REQUIRE_SERVICES`` is
 set (``.ci/run`` sets it: the CI machine has them all) and elsewhere is *skipped with the
-server's name in the reason*; it never passes silently.
+server's name in the reason*; it never passes silently (:func:`harness.services.missing`).
+The helpers themselves live in ``harness/``, which ``bench/`` uses too; this module only holds
+fixtures (import nothing from it).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +17,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from harness.process import free_port, port_open
+from harness.services import POSTGRES_ADMIN_URL, REDIS_URL, missing
 from service.config import Settings
 from service.db import migrate
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("TEST_REDIS_URL",
-                           f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}")
-"""One Redis database per test session (1..15 by process ID): two suites running at once on
-one machine (a developer's and CI's, or two helpers') would otherwise flush each other's
-queues and their workers would take each other's tasks."""
+__all__ = ["free_port"]
+"""Re-exported for tests written before harness/ (issue 21) until 20:00 UTC; import it from
+:mod:`harness.process`."""
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_CT_DIR = Path(os.environ.get("TEST_REAL_CT_DIR",
                                   SHARED_DATA / "real-ct-head-neck" / "ct"))
@@ -36,37 +35,9 @@ REAL_CHEST_CT_DIR = SHARED_DATA / "real-ct-chest-neck" / "ct"
 """The real chest CT with the lower neck (another scanner; header quirks), not shipped."""
 
 
-REQUIRE_SERVICES = os.environ.get("TEST_REQUIRE_SERVICES", "") not in ("", "0")
-"""Set by ``.ci/run``: on the machine kind CI runs on, PostgreSQL, Redis, DCMTK and Orthanc
-exist, so a missing one is a failure there, never a silent skip. Elsewhere (a laptop without
-them) the tests that need one skip with its name."""
-
-
-def missing(what: str) -> None:
-    """A test's real peer is absent: fail where it must exist (CI), else skip naming it."""
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{what} (TEST_REQUIRE_SERVICES is set: this machine must have it)",
-                    pytrace=False)
-    pytest.skip(what)
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
-    if not _port_open("127.0.0.1", 5432):
+    if not port_open("127.0.0.1", 5432):
         missing("PostgreSQL server not reachable on 127.0.0.1:5432")
     return POSTGRES_ADMIN_URL
 
@@ -112,7 +83,7 @@ def migrated_url(database_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> str:
-    if not _port_open("127.0.0.1", 6379):
+    if not port_open("127.0.0.1", 6379):
         missing("Redis server not reachable on 127.0.0.1:6379")
     return REDIS_URL
 

@@ -19,16 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from service.config import Settings
-from service.db import migrate
-from service.db.session import make_engine, make_session_factory
-from service.db.tables import AuditEvent, Feedback, FeedbackVerdict, Role
-from service.results.store import ResultStore
-from service.results.uids import ObjectKind
-from service.web.app import create_app
-from tests.conftest import free_port
-from tests.unit.web.helpers import PASSWORD, make_user
-from tests.unit.web.seed import (
+from harness.data.worklist_seed import (
     FRACTURED,
     INCONCLUSIVE,
     NORMAL,
@@ -36,6 +27,15 @@ from tests.unit.web.seed import (
     add_imaged_study,
     add_study,
 )
+from harness.process import free_port
+from harness.web import PASSWORD, make_user
+from service.config import Settings
+from service.db import migrate
+from service.db.session import make_engine, make_session_factory
+from service.db.tables import AuditEvent, Feedback, FeedbackVerdict, Role
+from service.results.store import ResultStore
+from service.results.uids import ObjectKind
+from service.web.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

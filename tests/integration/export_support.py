@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from harness.data.results_inputs import SyntheticCase, make_case
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
@@ -25,7 +26,6 @@ from service.dicom.scu import export_targets, plan_exports
 from service.results.build import build_and_store
 from service.results.store import StoredObject
 from service.results.uids import ObjectKind
-from tests.unit.results.synthetic_inputs import SyntheticCase, make_case
 
 
 @dataclass

@@ -16,6 +16,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from harness.peers.dicom import ScpProcess
+from harness.peers.orthanc import Orthanc
+from harness.process import free_port, wait_until
+from harness.web import bearer
+from harness.worker import WorkerProcess, shipped_model_dir, worker_env
 from service.db import migrate
 from service.synthetic import (
     FractureSpec,
@@ -25,11 +30,6 @@ from service.synthetic import (
     write_series,
 )
 from service.web.app import create_app
-from tests.conftest import free_port
-from tests.integration.worker_support import WorkerProcess, shipped_model_dir, worker_env
-from tests.peers.dicom import ScpProcess, wait_until
-from tests.peers.orthanc import Orthanc
-from tests.unit.web.helpers import bearer
 
 pytestmark = pytest.mark.slow
 

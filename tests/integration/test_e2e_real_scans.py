@@ -28,17 +28,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from harness.peers.dicom import ScpProcess, storescu
+from harness.peers.orthanc import Orthanc
+from harness.process import free_port, wait_until
+from harness.web import bearer
+from harness.worker import WorkerProcess, shipped_model_dir, worker_env
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, AnalysisResult, AuditEvent, Priority, Series, Study
 from service.results import codes
 from service.web.app import create_app
-from tests.conftest import free_port
 from tests.integration.test_e2e_orthanc import SEG_CLASSES, SR_CLASSES
-from tests.integration.worker_support import WorkerProcess, shipped_model_dir, worker_env
-from tests.peers.dicom import ScpProcess, storescu, wait_until
-from tests.peers.orthanc import Orthanc
-from tests.unit.web.helpers import bearer
 
 pytestmark = pytest.mark.slow
 

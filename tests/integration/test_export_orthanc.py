@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from harness.peers.orthanc import Orthanc, orthanc
 from service.config import PacsDestination, Settings
 from service.db.tables import ExportState
 from service.dicom.scu import export_analysis, export_targets, plan_exports, send_datasets
 from service.results.build import build_and_store
 from service.results.uids import ObjectKind
 from tests.integration.export_support import AnalysedStudy, analysed_study, export_rows
-from tests.peers.orthanc import Orthanc, orthanc
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

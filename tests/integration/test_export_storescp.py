@@ -12,13 +12,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
+from harness.peers.dicom import storescp
+from harness.process import free_port
 from service.config import PacsDestination, SegFormat
 from service.db.tables import Analysis, ExportState
 from service.dicom.scu import ExportError, export_analysis, send_files
 from service.results.uids import ObjectKind
-from tests.conftest import free_port
 from tests.integration.export_support import analysed_study, audit_events, export_rows
-from tests.peers.dicom import storescp
 
 
 def test_sr_and_seg_reach_storescp_with_explicit_fallback(tmp_path: Path, migrated_url: str,

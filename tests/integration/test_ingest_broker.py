@@ -11,15 +11,16 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from harness.data.ctdata import SeriesSpec, write_series
+from harness.peers.dicom import storescu
+from harness.process import free_port, wait_until
+from harness.services import missing
 from service.config import Settings
 from service.db import migrate
 from service.db.tables import Analysis, AnalysisState, Series, SeriesState
 from service.dicom.runner import IngestNode
 from service.embedded import EmbeddedRedis, find_redis_server
 from service.queue import ANALYSIS_QUEUE, TASK_ANALYZE_SERIES
-from tests.conftest import free_port, missing
-from tests.peers.dicom import storescu, wait_until
-from tests.unit.ingest.ctdata import SeriesSpec, write_series
 
 pytestmark = pytest.mark.slow
 

@@ -14,12 +14,12 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from sqlalchemy import select
 
+from harness.data.ctdata import SeriesSpec, write_series
+from harness.peers.dicom import ScpProcess
+from harness.process import free_port, wait_until
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series
-from tests.conftest import free_port
-from tests.peers.dicom import ScpProcess, wait_until
-from tests.unit.ingest.ctdata import SeriesSpec, write_series
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_kill_9_mid_association_loses_nothing_acknowledged(database_url: str,
             assert stored.SOPInstanceUID == uid and len(stored.PixelData) == 128 * 128 * 2
         assert series.instance_count == len(rows) >= len(acknowledged)
         # The new process serves the rest of the series normally.
-        from tests.peers.dicom import storescu
+        from harness.peers.dicom import storescu
 
         rest = [p for p, u in zip(written.paths, written.sop_uids, strict=True)
                 if u not in rows]

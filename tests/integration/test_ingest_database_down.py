@@ -10,14 +10,15 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import create_engine, func, select, text
 
+from harness.data.ctdata import SeriesSpec, write_series
+from harness.peers.dicom import Scu
+from harness.process import wait_until
 from service.config import Settings
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Instance, Series
 from service.dicom import runner
 from service.dicom.runner import IngestNode
-from tests.peers.dicom import Scu, wait_until
-from tests.unit.ingest.ctdata import SeriesSpec, write_series
 
 pytestmark = pytest.mark.slow
 

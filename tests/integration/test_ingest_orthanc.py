@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from harness.data.ctdata import SeriesSpec, write_series
+from harness.peers.orthanc import Orthanc
+from harness.process import wait_until
 from service.config import Settings
 from service.db import migrate
 from service.db.tables import AuditEvent, Instance, Series
 from service.dicom.runner import IngestNode
 from service.ingest.bookkeeper import EVENT_ASSOCIATION
-from tests.peers.dicom import wait_until
-from tests.peers.orthanc import Orthanc
-from tests.unit.ingest.ctdata import SeriesSpec, write_series
 
 pytestmark = pytest.mark.slow
 

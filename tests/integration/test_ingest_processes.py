@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from harness.data.ctdata import SeriesSpec, write_series
+from harness.peers.dicom import ScpProcess, storescu
+from harness.process import free_port, wait_until
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, Instance, Series
-from tests.conftest import free_port
-from tests.peers.dicom import ScpProcess, storescu, wait_until
-from tests.unit.ingest.ctdata import SeriesSpec, write_series
 
 pytestmark = pytest.mark.slow
 

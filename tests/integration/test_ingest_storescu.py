@@ -14,13 +14,14 @@ import pytest
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from sqlalchemy import func, select
 
+from harness.data.ctdata import SeriesSpec, WrittenSeries, write_series
+from harness.peers.dicom import storescu
+from harness.process import wait_until
 from service.config import Settings
 from service.db import migrate
 from service.db.tables import Analysis, AuditEvent, Instance, Series, SeriesState
 from service.dicom.runner import IngestNode
 from service.ingest.bookkeeper import EVENT_ASSOCIATION
-from tests.peers.dicom import storescu, wait_until
-from tests.unit.ingest.ctdata import SeriesSpec, WrittenSeries, write_series
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from harness.peers.dicom import storescu
+from harness.process import wait_until
 from service.config import Settings
 from service.db import migrate
 from service.db.tables import Analysis, Series, SeriesState, Study
@@ -17,7 +19,6 @@ from service.dicom.runner import IngestNode
 from service.synthetic.dicom_writer import TransferSyntax, WriterOptions, write_study
 from service.synthetic.options import PhantomOptions
 from service.synthetic.phantom import generate_phantom
-from tests.peers.dicom import storescu, wait_until
 
 pytestmark = pytest.mark.slow
 

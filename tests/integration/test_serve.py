@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from harness.process import free_port
 
 
 @pytest.mark.slow

@@ -13,6 +13,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from harness.worker import (
+    WorkerProcess,
+    count_events,
+    shipped_model_dir,
+    spool_series,
+    wait_for_state,
+    worker_env,
+)
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import AnalysisState, Finding, Priority, SeriesState, Study
@@ -23,14 +31,6 @@ from service.synthetic import (
     PhantomOptions,
     generate_phantom,
     write_series,
-)
-from tests.integration.worker_support import (
-    WorkerProcess,
-    count_events,
-    shipped_model_dir,
-    spool_series,
-    wait_for_state,
-    worker_env,
 )
 
 pytestmark = pytest.mark.slow

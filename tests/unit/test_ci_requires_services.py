@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import tests.conftest as shared
+import harness.services as shared
 
 
 def test_missing_peer_fails_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,3 +26,17 @@ def test_ci_script_requires_the_servers_and_names_no_absolute_path() -> None:
     assert "export TEST_REQUIRE_SERVICES=1" in script
     assert "/work/" not in script  # the shared data is found relative to the repository
     assert "make test" in script
+
+
+def test_missing_peer_outside_pytest_raises_naming_it() -> None:
+    """A benchmark (no pytest imported) gets an exception naming the peer, not a skip."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.pop('pytest', None); "
+            "from harness.services import PeerMissing, missing\n"
+            "try:\n    missing('storescp absent')\n"
+            "except PeerMissing as exc:\n    print('raised', exc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout.strip() == "raised storescp absent", proc.stdout + proc.stderr

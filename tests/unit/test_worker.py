@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from harness.worker import count_events, spool_series
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import (
     Analysis,
@@ -27,7 +28,6 @@ from service.db.tables import (
 from service.queue import make_celery
 from service.synthetic import PhantomOptions, generate_phantom, write_series
 from service.worker import WorkerContext, analyze, notify_analysis, retry_analysis
-from tests.integration.worker_support import count_events, spool_series
 
 
 @pytest.fixture
@@ -132,8 +132,8 @@ def test_the_flag_does_not_wait_for_the_paperwork(tmp_path: Path, migrated_url: 
     """The study is flagged (priority, flagged_at, findings, answer) before the SR and SEG
     are built; a failure while building them leaves the flag standing and ends FAILED."""
     import service.worker as worker_module
+    from harness.worker import shipped_model_dir
     from service.synthetic import FractureSpec, FractureType
-    from tests.integration.worker_support import shipped_model_dir
 
     settings = settings_factory(database_url=migrated_url, broker_url="redis://127.0.0.1:1/0",
                                 model_dir=shipped_model_dir())

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pynetdicom import _config
 
+from harness.peers.dicom import CALLED, Scu
 from service.config import Settings
 from service.db import migrate
 from service.dicom.runner import IngestNode
-from tests.peers.dicom import CALLED, Scu
 
 
 @pytest.fixture

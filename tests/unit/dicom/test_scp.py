@@ -24,6 +24,8 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
+from harness.data.ctdata import SeriesSpec, ct_dataset, write_series
+from harness.peers.dicom import Scu
 from service.db.tables import AuditEvent, Instance, Series
 from service.dicom.runner import IngestNode
 from service.dicom.scp import (
@@ -33,8 +35,6 @@ from service.dicom.scp import (
     STATUS_SUCCESS,
 )
 from service.ingest.bookkeeper import EVENT_ASSOCIATION, EVENT_DUPLICATE_CONFLICT
-from tests.peers.dicom import Scu
-from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset, write_series
 
 pytestmark = pytest.mark.usefixtures("raw_files")
 

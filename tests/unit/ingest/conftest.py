@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from harness.data.ctdata import SeriesSpec, ct_dataset
 from service.config import Settings
 from service.db.session import make_engine, make_session_factory
 from service.db.types import utcnow
 from service.ingest.bookkeeper import ReceivedInstance
 from service.ingest.spool import Spool
-from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
 
 
 @dataclass

@@ -8,6 +8,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from harness.data.ctdata import SeriesSpec
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import AuditEvent, Instance, Series, SeriesState, Study
 from service.ingest.bookkeeper import (
@@ -23,7 +24,6 @@ from service.ingest.bookkeeper import (
 )
 from service.ingest.tracker import Tracker
 from tests.unit.ingest.conftest import IngestEnv
-from tests.unit.ingest.ctdata import SeriesSpec
 
 
 def write(env: IngestEnv, items: list) -> None:  # type: ignore[type-arg]

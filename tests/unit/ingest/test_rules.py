@@ -9,6 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from harness.data.ctdata import SeriesSpec, ct_dataset
 from service.config import Settings
 from service.ingest.rules import (
     Decision,
@@ -18,7 +19,6 @@ from service.ingest.rules import (
     preference_key,
 )
 from service.outcomes import SeriesReason
-from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
 
 
 @pytest.fixture

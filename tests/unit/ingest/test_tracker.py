@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from harness.data.ctdata import SeriesSpec
 from service.db.tables import (
     Analysis,
     AnalysisState,
@@ -30,7 +31,6 @@ from service.ingest.tracker import CompletionReason, SeriesProgress, Tracker, du
 from service.outcomes import SeriesReason
 from service.queue import ANALYSIS_QUEUE, TASK_ANALYZE_SERIES
 from tests.unit.ingest.conftest import IngestEnv
-from tests.unit.ingest.ctdata import SeriesSpec
 
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -55,6 +55,8 @@ def test_due_reason_rules() -> None:
     assert due(progress(expected_instances=11), 0) is None
     assert due(progress(), 0, expected_hint=10) is CompletionReason.EXPECTED_COUNT
     assert due(progress(), 0, mpps_complete=True) is CompletionReason.MPPS
+    assert due(progress(expected_instances=10), 0, hint_set_aside=True) is None
+    assert due(progress(expected_instances=10), 30, hint_set_aside=True) is CompletionReason.IDLE
     released = progress(association_released_at=T0 + timedelta(seconds=1))
     assert due(released, 5.9) is None  # 4.9 s after the release
     assert due(released, 6.0) is CompletionReason.ASSOCIATION_IDLE
@@ -205,6 +207,139 @@ def test_association_release_then_short_idle(ingest_env: IngestEnv) -> None:
     clock.offset = timedelta(seconds=ingest_env.settings.completion_idle_after_release_s + 0.5)
     assert tracker.tick().completed
     assert series_row(ingest_env, spec.series_uid).completion_reason == "association_idle"
+
+
+def test_images_in_acquisition_not_trusted_over_a_gap(ingest_env: IngestEnv) -> None:
+    """Images in Acquisition reached, but a slice of the stack is missing (it counts the
+    acquisition, not the series): the hint is set aside and the release timer decides."""
+    from service.ingest.bookkeeper import AssociationRecord
+
+    clock = Clock()
+    spec = SeriesSpec(slices=13, images_in_acquisition=12, skip_positions=(5,))
+    items = receive_series(ingest_env, spec, [i for i in range(13) if i != 5],  # type: ignore[arg-type]
+                           association_id="assoc-g")
+    tracker = make_tracker(ingest_env, FakeBroker(), clock)
+    assert tracker.tick().completed == []
+    end = AssociationRecord("assoc-g", "SCU", "CSPINE_TRIAGE", "127.0.0.1", 1,
+                            items[0].received_at, utcnow(), "released")
+    with ingest_env.factory() as session, session.begin():
+        write_batch(session, [end])
+    assert tracker.tick().completed == []
+    clock.offset = timedelta(seconds=ingest_env.settings.completion_idle_after_release_s + 0.5)
+    assert tracker.tick().completed
+    series = series_row(ingest_env, spec.series_uid)
+    assert series.completion_reason == "association_idle"
+    assert series.qualification_reason == SeriesReason.MISSING_SLICES.value
+
+
+def test_images_in_acquisition_waits_for_the_count(ingest_env: IngestEnv) -> None:
+    spec = SeriesSpec(slices=12, images_in_acquisition=12)
+    tracker = make_tracker(ingest_env, FakeBroker())
+    receive_series(ingest_env, spec, range(6), association_id="first")
+    assert tracker.tick().completed == []
+    receive_series(ingest_env, spec, range(6, 12), association_id="second")
+    assert tracker.tick().completed
+    series = series_row(ingest_env, spec.series_uid)
+    assert series.completion_reason == "expected_count" and series.instance_count == 12
+
+
+def multiframe_dataset(spec: SeriesSpec, frames: int, *, concatenation: tuple[int, int] | None
+                       = None, first_frame: int = 0) -> Any:
+    """An enhanced-CT-like object: ``frames`` frames of ``spec``'s stack from ``first_frame``;
+    ``concatenation`` = (in-concatenation number, total)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedCTImageStorage, generate_uid
+
+    from tests.unit.ingest.ctdata import ct_dataset
+
+    ds = ct_dataset(spec, first_frame, with_pixels=False)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    uid = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceLocation",
+                    "ImagesInAcquisition"):
+        delattr(ds, keyword) if keyword in ds else None
+    ds.NumberOfFrames = frames
+    if concatenation is not None:
+        ds.ConcatenationUID = "1.2.826.0.1.3680043.8.498.1"
+        ds.InConcatenationNumber, ds.InConcatenationTotalNumber = concatenation
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(spec.orientation)
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for k in range(first_frame, first_frame + frames):
+        position = Dataset()
+        position.ImagePositionPatient = [0.0, 0.0, -float(k) * spec.thickness_mm]
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = bytes(spec.rows * spec.columns * 2 * frames)
+    return ds
+
+
+def receive_dataset(env: IngestEnv, spec: SeriesSpec, ds: Any) -> Any:
+    import io
+
+    from service.ingest.bookkeeper import ReceivedInstance
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    stored = env.spool.store(spec.study_uid, spec.series_uid, str(ds.SOPInstanceUID), data)
+    item = ReceivedInstance(
+        study_instance_uid=spec.study_uid, series_instance_uid=spec.series_uid,
+        sop_instance_uid=str(ds.SOPInstanceUID), stored=stored, received_at=utcnow(),
+        association_id="mf", calling_ae="TESTSCU", data=data, sha256=stored.sha256)
+    with env.factory() as session, session.begin():
+        write_batch(session, [item])
+    return item
+
+
+def test_one_multiframe_object_completes_by_number_of_frames(ingest_env: IngestEnv) -> None:
+    spec = SeriesSpec(slices=20)
+    receive_dataset(ingest_env, spec, multiframe_dataset(spec, 20))
+    assert series_row(ingest_env, spec.series_uid).expected_instances == 1
+    assert make_tracker(ingest_env, FakeBroker()).tick().completed
+    assert series_row(ingest_env, spec.series_uid).completion_reason == "number_of_frames"
+
+
+def test_concatenation_waits_for_every_part(ingest_env: IngestEnv) -> None:
+    spec = SeriesSpec(slices=20)
+    tracker = make_tracker(ingest_env, FakeBroker())
+    receive_dataset(ingest_env, spec, multiframe_dataset(spec, 10, concatenation=(1, 2)))
+    assert series_row(ingest_env, spec.series_uid).expected_instances == 2
+    assert tracker.tick().completed == []
+    receive_dataset(ingest_env, spec, multiframe_dataset(spec, 10, concatenation=(2, 2),
+                                                         first_frame=10))
+    assert tracker.tick().completed
+    series = series_row(ingest_env, spec.series_uid)
+    assert series.completion_reason == "number_of_frames" and series.instance_count == 2
+
+
+def test_stack_verdict() -> None:
+    from service.ingest.tracker import stack_verdict
+    from tests.unit.ingest.ctdata import ct_dataset
+
+    spec = SeriesSpec(slices=10)
+    stack = [ct_dataset(spec, i, with_pixels=False) for i in range(10)]
+    assert stack_verdict(stack, 10, max_gap_factor=1.6).complete
+    assert stack_verdict(stack[::-1], 10, max_gap_factor=1.6).complete  # order of arrival
+    assert not stack_verdict(stack, 11, max_gap_factor=1.6).complete  # count differs
+    assert not stack_verdict(stack, 10, max_gap_factor=1.6, unreadable=1).complete
+    gap = stack[:4] + stack[5:]
+    assert "uneven" in stack_verdict(gap, 9, max_gap_factor=1.6).detail
+    doubled = stack[:9] + [ct_dataset(spec, 8, with_pixels=False)]
+    assert "share" in stack_verdict(doubled, 10, max_gap_factor=1.6).detail
+    tilted = ct_dataset(SeriesSpec(slices=10, orientation=(1, 0, 0, 0, 0.8, 0.6)), 9,
+                        with_pixels=False)
+    assert "parallel" in stack_verdict(stack[:9] + [tilted], 10, max_gap_factor=1.6).detail
+    multi = multiframe_dataset(spec, 10)
+    verdict = stack_verdict([multi], 1, max_gap_factor=1.6)
+    assert verdict.complete and verdict.multiframe
 
 
 def test_mpps_listing_every_instance_completes(ingest_env: IngestEnv) -> None:

@@ -20,8 +20,8 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
+from harness.data.ctdata import SeriesSpec, ct_dataset
 from service.ingest.validate import UndecodableDataset, scan_dataset
-from tests.unit.ingest.ctdata import SeriesSpec, ct_dataset
 
 
 def encode(ds: Dataset, syntax: str) -> bytes:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.dcmtk import dcmtk
+
 
 @dataclass(frozen=True)
 class Validation:
@@ -34,7 +36,7 @@ def dciodvfy(path: Path) -> Validation:
 
 
 def dsrdump(path: Path) -> str:
-    tool = shutil.which("dsrdump")
+    tool = dcmtk("dsrdump")
     if tool is None:
         pytest.skip("dsrdump absent (Debian package dcmtk)")
     proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
+from harness.data.results_inputs import make_case
 from service.config import PacsDestination, SegFormat, Settings
 from service.results.build import build_and_store, kinds_for, seg_formats_needed
 from service.results.common import AlgorithmInfo
@@ -13,7 +14,6 @@ from service.results.keyimage import build_key_image
 from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from tests.unit.results.dicom_tools import dciodvfy
-from tests.unit.results.synthetic_inputs import make_case
 
 ROOT = "1.2.826.0.1.3680043.10.1455."
 ALGORITHM = AlgorithmInfo(name="cspine-synthetic", version="1.0.0")

@@ -9,13 +9,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
+from harness.data.results_inputs import SyntheticCase, make_case
 from service.config import SegFormat
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError
 from service.results.seg import build_segmentation
 from service.results.uids import ObjectKind
 from tests.unit.results.dicom_tools import dciodvfy
-from tests.unit.results.synthetic_inputs import SyntheticCase, make_case
 
 ROOT = "1.2.826.0.1.3680043.10.1455."
 ALGORITHM = AlgorithmInfo(name="cspine-synthetic", version="1.0.0", manufacturer="Test Lab")

@@ -7,6 +7,7 @@ import highdicom as hd
 import pytest
 from pydicom.uid import Comprehensive3DSRStorage
 
+from harness.data.results_inputs import SyntheticCase, make_case
 from service.config import SegFormat
 from service.results import codes, uids
 from service.results.common import AlgorithmInfo, ResultBuildError
@@ -14,7 +15,6 @@ from service.results.seg import SegmentationResult, build_segmentation
 from service.results.sr import build_report
 from service.results.uids import ObjectKind
 from tests.unit.results.dicom_tools import dciodvfy, dsrdump
-from tests.unit.results.synthetic_inputs import SyntheticCase, make_case
 
 ROOT = "1.2.826.0.1.3680043.10.1455."
 ALGORITHM = AlgorithmInfo(name="cspine-synthetic", version="1.0.0", manufacturer="Test Lab")

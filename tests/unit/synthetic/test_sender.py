@@ -7,9 +7,9 @@ from pathlib import Path
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from harness.process import free_port
 from service.synthetic import PhantomOptions, generate_phantom, write_series
 from service.synthetic.sender import send_files
-from tests.conftest import free_port
 
 
 def test_files_are_converted_to_the_only_syntax_the_peer_accepts(tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from harness.data.worklist_seed import ALL, seed
+from harness.web import bearer
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Role
 from service.web.app import create_app
-from tests.unit.web.helpers import bearer
-from tests.unit.web.seed import ALL, seed
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis (dev extra) missing")
 

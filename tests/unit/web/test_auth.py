@@ -10,13 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from harness.data.worklist_seed import FRACTURED, seed
+from harness.web import PASSWORD, bearer, login, make_user
 from service.cli import build_parser
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import ApiToken, AuditEvent, Role, User
 from service.web import auth
 from service.web.app import create_app
-from tests.unit.web.helpers import PASSWORD, bearer, login, make_user
-from tests.unit.web.seed import FRACTURED, seed
 
 
 def _form_token(client: TestClient) -> str:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from harness.web import bearer
 from service.db import migrate
 from service.web.app import create_app
-from tests.unit.web.helpers import bearer
 
 
 def test_healthz_up_with_real_database_and_broker(settings_factory, migrated_url: str,  # type: ignore[no-untyped-def]
@@ -24,7 +24,7 @@ def test_healthz_up_with_real_database_and_broker(settings_factory, migrated_url
 
 
 def test_healthz_reports_broker_down(settings_factory, sqlite_url: str) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import free_port
+    from harness.process import free_port
 
     migrate.upgrade(sqlite_url)
     settings = settings_factory(database_url=sqlite_url,

@@ -10,12 +10,12 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from harness.data.worklist_seed import add_imaged_study
+from harness.web import login
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.web.app import create_app
 from service.web.images import SUSPECTED_RGB
-from tests.unit.web.helpers import login
-from tests.unit.web.seed import add_imaged_study
 
 
 def test_reformats_and_key_image_with_outline(settings_factory, sqlite_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -15,14 +15,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.routing import Mount
 
+from harness.data.worklist_seed import FRACTURED, seed
+from harness.web import login, make_user
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Role
 from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from service.web import auth
 from service.web.app import create_app
-from tests.unit.web.helpers import login, make_user
-from tests.unit.web.seed import FRACTURED, seed
 
 UID = FRACTURED.uid
 SERIES = FRACTURED.uid + ".1"

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from harness.data.ctdata import SeriesSpec
+from harness.web import bearer
 from service.db.tables import Analysis
 from service.ingest.bookkeeper import write_batch
 from service.ingest.dispatch import AnalysisDispatcher
 from service.ingest.tracker import Tracker
 from service.web.app import create_app
 from tests.unit.ingest.conftest import IngestEnv, ingest_env  # noqa: F401 - fixture
-from tests.unit.ingest.ctdata import SeriesSpec
 from tests.unit.ingest.test_tracker import FakeBroker
-from tests.unit.web.helpers import bearer
 
 
 def test_studies_and_series_show_states_decisions_and_times(

@@ -7,11 +7,11 @@ from datetime import timedelta
 
 from fastapi.testclient import TestClient
 
+from harness.data.worklist_seed import ALL, FRACTURED, INCONCLUSIVE, NORMAL, WAITING, seed
+from harness.web import bearer
 from service.db.session import make_engine, make_session_factory
 from service.db.types import utcnow
 from service.web.app import create_app
-from tests.unit.web.helpers import bearer
-from tests.unit.web.seed import ALL, FRACTURED, INCONCLUSIVE, NORMAL, WAITING, seed
 
 
 def _uids(client: TestClient, **params: object) -> list[str]:

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import hl7
 import pytest
 
+from harness.process import free_port
 from service.config import Settings
 from service.worklist.notify import (
     MLLP_END,
@@ -22,7 +23,6 @@ from service.worklist.notify import (
     notify,
     send_mllp,
 )
-from tests.conftest import free_port
 
 NOTE = Notification(
     study_instance_uid="1.2.3.4", priority="STAT", reason="fracture suspected: C2 (p=0.93)",

@@ -5,11 +5,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from harness.data.results_inputs import make_case
 from service.config import Settings
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, AuditEvent, Priority, Series, Study
 from service.worklist.priority import PriorityPolicy, apply_priority
-from tests.unit.results.synthetic_inputs import make_case
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 

@@ -4,10 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi.testclient import TestClient
 
+from harness.web import bearer
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, AnalysisState, Finding, Priority, Series, Study
 from service.web.app import create_app
-from tests.unit.web.helpers import bearer
 
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 
