@@ -36,7 +36,8 @@ def test_contracts_are_the_designed_ones_and_unloosened() -> None:
     contracts = {s.removeprefix("importlinter:contract:"): parser[s]
                  for s in parser.sections() if s.startswith("importlinter:contract:")}
     assert set(contracts) == {"layers", "edge-not-model", "only-worker-runs-models",
-                              "no-torch", "acyclic"}
+                              "no-torch", "acyclic", "bench-not-tests", "suites-apart",
+                              "service-not-harness"}
     for name, contract in contracts.items():
         assert "ignore_imports" not in contract, f"{name}: fix the import, do not ignore it"
     layers = [line.split() for line in contracts["layers"]["layers"].strip().splitlines()]
@@ -47,3 +48,9 @@ def test_contracts_are_the_designed_ones_and_unloosened() -> None:
     assert {"service.web", "service.dicom", "service.ingest"} <= set(edge["source_modules"].split())
     assert {"service.inference", "service.worker", "models", "torch"} <= set(
         edge["forbidden_modules"].split())
+    apart = contracts["bench-not-tests"]
+    assert set(apart["source_modules"].split()) == {"bench", "harness"}
+    assert apart["forbidden_modules"].split() == ["tests"]
+    suites = contracts["suites-apart"]
+    assert {"tests.integration", "tests.e2e"} <= set(suites["source_modules"].split())
+    assert suites["forbidden_modules"].split() == ["tests.unit"]
