@@ -92,16 +92,40 @@ def cmd_analysis_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from service.audit import verify_chain
+    """Exit 1 when a link is broken or an anchor is not reproduced (the JSON says which)."""
+    from pathlib import Path
+
+    from service.audit import read_anchors, verify_chain
     from service.db.session import make_engine, make_session_factory
 
+    anchor_file = Path(args.anchors) if args.anchors else settings.audit_anchor_path
+    anchors = [] if args.no_anchors else read_anchors(anchor_file)
     engine = make_engine(settings.db_url)
     with make_session_factory(engine)() as session:
-        report = verify_chain(session)
+        report = verify_chain(session, anchors)
     engine.dispose()
-    print(json.dumps({"events": report.events, "intact": report.intact,
-                      "first_broken_id": report.first_broken_id}))
+    out = report.as_dict()
+    out["anchor_file"] = None if args.no_anchors else str(anchor_file)
+    print(json.dumps(out))
     return 0 if report.intact else 1
+
+
+def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
+    """Append the chain head to the anchor file (and the log); run it from cron or a timer."""
+    from pathlib import Path
+
+    from service.audit import write_anchor
+    from service.db.session import make_engine, make_session_factory
+
+    anchor_file = Path(args.anchors) if args.anchors else settings.audit_anchor_path
+    engine = make_engine(settings.db_url)
+    with make_session_factory(engine)() as session:
+        anchor = write_anchor(session, anchor_file)
+    engine.dispose()
+    print(json.dumps({"anchor_file": str(anchor_file),
+                      "event_id": anchor.event_id if anchor else None,
+                      "hash": anchor.hash if anchor else None}))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -205,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="action",
                                                                       required=True)
-    audit.add_parser("verify", help="verify the hash chain").set_defaults(
-        handler=cmd_audit_verify)
+    verify = audit.add_parser("verify", help="verify the hash chain and its anchors; names "
+                                             "the first broken link")
+    verify.add_argument("--anchors", help="anchor file (default: TRIAGE_AUDIT_ANCHOR_FILE)")
+    verify.add_argument("--no-anchors", action="store_true",
+                        help="check the chain alone (a re-chained rewrite then passes)")
+    verify.set_defaults(handler=cmd_audit_verify)
+    anchor = audit.add_parser("anchor", help="append the chain head to the anchor file")
+    anchor.add_argument("--anchors", help="anchor file (default: TRIAGE_AUDIT_ANCHOR_FILE)")
+    anchor.set_defaults(handler=cmd_audit_anchor)
 
     for register in EXTRA_COMMANDS:
         register(sub)

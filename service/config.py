@@ -212,6 +212,13 @@ class Settings(BaseSettings):
     # --- audit and logging ------------------------------------------------------------------
     audit_syslog_host: str | None = None
     audit_syslog_port: int = 514
+    audit_anchor_file: Path | None = None
+    """JSON-lines file the audit chain head is appended to (``triage audit anchor``, and the
+    SCP every ``audit_anchor_interval_s``); defaults to ``<data_dir>/audit-anchors.jsonl``.
+    Point it at storage the database's administrators cannot write, or copy it there:
+    ``triage audit verify`` checks the chain against it."""
+    audit_anchor_interval_s: float = Field(default=3600.0, ge=0)
+    """How often the SCP process anchors the audit chain head; 0: only on command."""
     log_level: str = "INFO"
 
     # --- dashboard (login, worklist, study page) --------------------------------------------
@@ -232,6 +239,9 @@ class Settings(BaseSettings):
     ``https://ohif.example/viewer?StudyInstanceUIDs={study_instance_uid}``."""
     turnaround_band_s: tuple[float, float] = (180.0, 480.0)
     """The reference band (3-8 minutes) the study page's timeline is shown against."""
+    turnaround_target_s: float = Field(default=480.0, gt=0)
+    """Acquisition -> flag target: a study over it is a breach on the admin's turnaround
+    page (default 8 minutes, the slow end of the commercial reference)."""
 
     @field_validator("allowed_calling_aes", "allowed_networks", "execution_providers",
                      mode="before")
@@ -276,6 +286,8 @@ class Settings(BaseSettings):
             self.results_dir = self.data_dir / "results"
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'triage.db').as_posix()}"
+        if self.audit_anchor_file is None:
+            self.audit_anchor_file = self.data_dir / "audit-anchors.jsonl"
         if self.tls_enabled and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("tls_enabled needs tls_cert_file and tls_key_file")
         return self
@@ -290,6 +302,11 @@ class Settings(BaseSettings):
     def results_path(self) -> Path:
         assert self.results_dir is not None
         return self.results_dir
+
+    @property
+    def audit_anchor_path(self) -> Path:
+        assert self.audit_anchor_file is not None
+        return self.audit_anchor_file
 
     @property
     def db_url(self) -> str:

@@ -1,15 +1,34 @@
 """Series completeness: decide, as early as is safe, that a series has stopped arriving.
 
-A RECEIVING series is complete, in this order of preference:
+A RECEIVING series is complete, in this order of preference (the name is what
+``series.completion_reason`` stores and the audit event ``ingest.series.completed`` says):
 
-1. ``expected_count`` - at once when its expected instance count is known and reached
-   (Images in Acquisition, or ``TRIAGE_EXPECTED_INSTANCES_HINT``);
-2. ``mpps`` - at once when a Modality Performed Procedure Step COMPLETED (or DISCONTINUED)
-   lists the series and every instance it lists is here;
-3. ``association_idle`` - when the association that last delivered to it has been released
+1. ``mpps`` - at once when a Modality Performed Procedure Step COMPLETED (or DISCONTINUED)
+   lists the series and every instance it lists is here: the sender's own inventory;
+2. ``expected_count`` - at once when the instance count reaches Images in Acquisition
+   (0020,1002) or ``TRIAGE_EXPECTED_INSTANCES_HINT``, and the stack checks out (below);
+3. ``number_of_frames`` - the same for multi-frame (enhanced) images, whose header says how
+   many objects hold the stack: one, or In-concatenation Total Number (0020,9163);
+4. ``association_idle`` - when the association that last delivered to it has been released
    (or aborted) and nothing arrived for ``completion_idle_after_release_s`` (default 5 s);
-4. ``idle`` - when nothing arrived for ``completion_idle_s`` (default 30 s), whatever the
+5. ``idle`` - when nothing arrived for ``completion_idle_s`` (default 30 s), whatever the
    associations did (a sender that never releases, an SCP killed mid-association).
+
+A count hint is trusted only with a complete stack (:func:`stack_verdict`): the series'
+headers are read once, and the slices must be exactly the hinted number, evenly spaced along
+the slice normal, with no gap and no shared position. Images in Acquisition counts the images
+of an *acquisition*, which a scanner may spread over several series or several acquisitions
+over one; a hint that does not match the stack is set aside for that (count, last arrival)
+and the timers decide. The first instance's geometry gives the count of the stack only for a
+multi-frame object (3): a single-frame CT header says where its slice is, not where the stack
+ends, so no count is derived from it.
+
+An association release with a gap-free stack is *not* on its own a reason to complete: a
+sender that splits a series over two associations (a PACS forwarding in parts, a scanner
+sending as it reconstructs) leaves, after the first, a stack that is itself complete and
+gap-free, and the second continues it. Only a hint (1-3) completes early; otherwise the
+release starts the short timer (4). ``tests/integration/test_ingest_completion.py`` sends a
+series in two associations with a pause between them and checks it is not cut short.
 
 All state is in the database, so any number of tracker loops (one per SCP process, several
 pods) may run: completion is claimed with one atomic ``UPDATE .. WHERE state='RECEIVING' AND
@@ -23,16 +42,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pydicom.dataset import Dataset
 from sqlalchemy import distinct, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.audit import record
+from service.audit import record, write_anchor
 from service.config import Settings
 from service.db.tables import (
     AnalysisState,
@@ -45,6 +66,7 @@ from service.db.tables import (
     Study,
 )
 from service.db.types import utcnow
+from service.imaging.geometry import slice_normal
 from service.ingest.dispatch import (
     AnalysisDispatcher,
     affected_rows,
@@ -54,7 +76,7 @@ from service.ingest.dispatch import (
     series_state_for,
     supersede_series_analyses,
 )
-from service.ingest.header import UnreadableHeader, read_header
+from service.ingest.header import UnreadableHeader, integer, read_header
 from service.ingest.rules import (
     Decision,
     RuleSet,
@@ -63,6 +85,7 @@ from service.ingest.rules import (
     load_rules,
     metrics_from_detail,
     preference_key,
+    slices_from_dataset,
 )
 from service.ingest.spool import Spool
 from service.outcomes import SeriesReason
@@ -76,10 +99,17 @@ STALE_COMPLETE_S = 60.0
 
 
 class CompletionReason(StrEnum):
+    """Which signal completed a series (``series.completion_reason``); see the module doc."""
+
     EXPECTED_COUNT = "expected_count"
+    NUMBER_OF_FRAMES = "number_of_frames"
     MPPS = "mpps"
     ASSOCIATION_IDLE = "association_idle"
     IDLE = "idle"
+
+
+HINTED = frozenset({CompletionReason.EXPECTED_COUNT, CompletionReason.NUMBER_OF_FRAMES})
+"""The reasons that rest on a count hint and so need :func:`stack_verdict` to agree."""
 
 
 @dataclass(frozen=True)
@@ -96,15 +126,21 @@ class SeriesProgress:
 
 def due_reason(progress: SeriesProgress, now: datetime, *, expected_hint: int | None,
                idle_after_release_s: float, idle_s: float,
-               mpps_complete: bool = False) -> CompletionReason | None:
-    """Why ``progress`` is complete at ``now``, or ``None`` if it must wait (pure function)."""
+               mpps_complete: bool = False, hint_set_aside: bool = False
+               ) -> CompletionReason | None:
+    """Why ``progress`` is complete at ``now``, or ``None`` if it must wait (pure function).
+
+    A count hint gives :attr:`CompletionReason.EXPECTED_COUNT` here; the tracker confirms it
+    on the stack (and names multi-frame ones) before claiming. ``hint_set_aside``: the stack
+    did not confirm the hint at this count, so only MPPS and the timers apply.
+    """
     if progress.instance_count <= 0:
         return None
-    expected = progress.expected_instances or expected_hint
-    if expected and progress.instance_count >= expected:
-        return CompletionReason.EXPECTED_COUNT
     if mpps_complete:
         return CompletionReason.MPPS
+    expected = progress.expected_instances or expected_hint
+    if expected and progress.instance_count >= expected and not hint_set_aside:
+        return CompletionReason.EXPECTED_COUNT
     last = progress.last_received_at
     if last is None:
         return None
@@ -116,6 +152,69 @@ def due_reason(progress: SeriesProgress, now: datetime, *, expected_hint: int | 
     if (now - last).total_seconds() >= idle_s:
         return CompletionReason.IDLE
     return None
+
+
+@dataclass(frozen=True)
+class StackVerdict:
+    """Whether a series' headers are the whole stack a count hint announced, and why not."""
+
+    complete: bool
+    multiframe: bool
+    detail: str
+
+
+def stack_verdict(datasets: Sequence[Dataset], expected: int, *, max_gap_factor: float,
+                  unreadable: int = 0) -> StackVerdict:
+    """Check that ``datasets`` (one header per instance) are exactly the hinted stack.
+
+    Complete means: every header readable, as many instances as ``expected``, each slice (each
+    frame of a multi-frame object) with a position and orientation, all slices on one normal,
+    and their positions along it evenly spaced: no two at the same place, no step more than
+    ``max_gap_factor`` times the median step (the qualification rules' gap factor), none less
+    than the median divided by it. Localizers are left out. Positions are LPS millimetres
+    projected on the first slice's normal.
+    """
+    multiframe = any((integer(ds, "NumberOfFrames") or 1) > 1 for ds in datasets)
+
+    def no(detail: str) -> StackVerdict:
+        return StackVerdict(False, multiframe, detail)
+
+    if unreadable:
+        return no(f"{unreadable} unreadable headers")
+    if len(datasets) != expected:
+        return no(f"{len(datasets)} instances, the hint says {expected}")
+    slices = [s for ds in datasets for s in slices_from_dataset(ds) if not s.is_localizer]
+    if not slices:
+        return no("no image slices")
+    if any(s.orientation is None or s.position is None for s in slices):
+        return no("slices without Image Position/Orientation (Patient)")
+    normals = [slice_normal(tuple(s.orientation)) for s in slices if s.orientation]
+    reference = normals[0]
+    if reference is None or any(n is None or abs(float(n @ reference)) < 0.999
+                                for n in normals):
+        return no("slices not parallel")
+    positions = sorted(float(reference @ s.position) for s in slices if s.position)
+    steps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
+    if not steps:
+        return StackVerdict(True, multiframe, "one slice")
+    median = sorted(steps)[len(steps) // 2]
+    if min(steps) < 1e-3:
+        return no("two slices share a position")
+    if max(steps) > max_gap_factor * median or min(steps) < median / max_gap_factor:
+        return no(f"uneven spacing: steps {min(steps):.3f} to {max(steps):.3f} mm "
+                  f"around {median:.3f} mm")
+    return StackVerdict(True, multiframe,
+                        f"{len(slices)} slices evenly spaced {median:.3f} mm, no gap")
+
+
+@dataclass(frozen=True)
+class SeriesHeaders:
+    """What the tracker read of one series: its count, (SOP UID, sha256) per row, headers."""
+
+    count: int
+    instances: list[tuple[str, str]]
+    datasets: list[Dataset]
+    unreadable: int
 
 
 @dataclass
@@ -143,6 +242,9 @@ class Tracker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hint_set_aside: dict[int, tuple[int, datetime | None]] = {}
+        """Series id -> (instance count, last arrival) at which its count hint failed the
+        stack check; process-local (another tracker checks for itself)."""
 
     # --- loop -------------------------------------------------------------------------------
     def wake(self, *_: Any) -> None:
@@ -161,6 +263,7 @@ class Tracker:
 
     def _run(self) -> None:
         failures = 0
+        anchored_at: float | None = None
         while not self._stop.is_set():
             delay = self._settings.tracker_interval_s * (2 ** min(failures, 5))
             self._wake.wait(delay)
@@ -173,13 +276,53 @@ class Tracker:
             except Exception:  # noqa: BLE001 - the loop survives a database outage
                 failures += 1
                 logger.exception("tracker tick failed (%d in a row)", failures)
+            anchored_at = self._anchor_if_due(anchored_at)
+
+    def _anchor_if_due(self, anchored_at: float | None) -> float | None:
+        """Anchor the audit chain head at start and every ``audit_anchor_interval_s``.
+
+        The tracker loop is the one periodic loop a deployment runs exactly once (in
+        ``triage scp`` or ``triage tracker``) and it already survives a database outage, so
+        the anchor needs no process of its own; ``triage audit anchor`` does the same on
+        demand (cron, to write a copy where the database's administrators cannot).
+        Returns when it last anchored (monotonic seconds).
+        """
+        interval = self._settings.audit_anchor_interval_s
+        now = time.monotonic()
+        if interval <= 0 or (anchored_at is not None and now - anchored_at < interval):
+            return anchored_at
+        try:
+            with self._factory() as session:
+                write_anchor(session, self._settings.audit_anchor_path)
+        except Exception as exc:  # noqa: BLE001 - an anchor missed now is taken next tick
+            logger.warning("audit anchor failed (%s); retrying", str(exc).splitlines()[0][:200])
+            return anchored_at
+        return now
 
     def tick(self) -> TickReport:
         report = TickReport()
         for progress, reason in self.due():
+            headers = None
+            if reason in HINTED:
+                headers = self._read_headers(progress.id)
+                expected = progress.expected_instances or self._settings.expected_instances_hint
+                verdict = stack_verdict(headers.datasets, expected or 0,
+                                        max_gap_factor=self._rules.max_gap_factor,
+                                        unreadable=headers.unreadable)
+                if not verdict.complete:
+                    # Not trusted at this (count, last arrival): the timers decide, unless
+                    # more instances come and the stack is checked again.
+                    self._hint_set_aside[progress.id] = (progress.instance_count,
+                                                         progress.last_received_at)
+                    logger.info("series %s: count hint %s not confirmed by the stack (%s); "
+                                "waiting for the timers", progress.series_instance_uid,
+                                expected, verdict.detail)
+                    continue
+                if verdict.multiframe:
+                    reason = CompletionReason.NUMBER_OF_FRAMES
             if self._claim(progress, reason):
                 report.completed.append(progress.id)
-                self._qualify(progress.id, report)
+                self._qualify(progress.id, report, headers)
         for series_id in self._stale_complete():
             self._qualify(series_id, report)
         for analysis_id in report.analyses_created:
@@ -199,18 +342,26 @@ class Tracker:
                        Series.association_released_at)
                 .where(Series.state == SeriesState.RECEIVING)).all()
             if not rows:
+                self._hint_set_aside.clear()
                 return []
             mpps_done = self._mpps_complete(session)
         out = []
+        receiving = set()
         for row in rows:
             progress = SeriesProgress(*row)
+            receiving.add(progress.id)
+            set_aside = self._hint_set_aside.get(progress.id) == (progress.instance_count,
+                                                                  progress.last_received_at)
             reason = due_reason(
                 progress, now, expected_hint=self._settings.expected_instances_hint,
                 idle_after_release_s=self._settings.completion_idle_after_release_s,
                 idle_s=self._settings.completion_idle_s,
-                mpps_complete=progress.series_instance_uid in mpps_done)
+                mpps_complete=progress.series_instance_uid in mpps_done,
+                hint_set_aside=set_aside)
             if reason is not None:
                 out.append((progress, reason))
+        for series_id in set(self._hint_set_aside) - receiving:
+            del self._hint_set_aside[series_id]
         return out
 
     @staticmethod
@@ -278,7 +429,8 @@ class Tracker:
         return claimed
 
     # --- qualification and analysis --------------------------------------------------------
-    def _qualify(self, series_id: int, report: TickReport) -> None:
+    def _read_headers(self, series_id: int) -> SeriesHeaders:
+        """Every instance row of the series and its spool file's header (pixels not read)."""
         with self._factory() as session:
             instances = session.execute(
                 select(Instance.sop_instance_uid, Instance.sha256, Instance.spool_path)
@@ -293,12 +445,21 @@ class Tracker:
             except (UnreadableHeader, OSError) as exc:
                 unreadable += 1
                 logger.warning("series %d: %s", series_id, exc)
-        uids = [sop for sop, _, _ in instances]
+        return SeriesHeaders(count, [(sop, sha) for sop, sha, _ in instances], datasets,
+                             unreadable)
+
+    def _qualify(self, series_id: int, report: TickReport,
+                 headers: SeriesHeaders | None = None) -> None:
+        """Decide on a claimed series; ``headers`` read before the claim are reused (the
+        claim matched the same instance count, so they are the same instances)."""
+        if headers is None:
+            headers = self._read_headers(series_id)
+        uids = [sop for sop, _ in headers.instances]
         conflicting = len(uids) - len(set(uids))
-        decision = evaluate(datasets, self._rules, unreadable=unreadable,
+        decision = evaluate(headers.datasets, self._rules, unreadable=headers.unreadable,
                             conflicting=conflicting)
-        fingerprint = input_fingerprint((sop, sha) for sop, sha, _ in instances)
-        self._record_decision(series_id, count, decision, fingerprint, report)
+        fingerprint = input_fingerprint(headers.instances)
+        self._record_decision(series_id, headers.count, decision, fingerprint, report)
 
     def _record_decision(self, series_id: int, count: int, decision: Decision,
                          fingerprint: str, report: TickReport) -> None:
