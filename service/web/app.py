@@ -16,7 +16,9 @@ from service.config import Settings, get_settings
 from service.db.session import make_engine, make_session_factory
 from service.web.auth import SessionCodec
 from service.web.deps import CurrentUser, LoginRequired
+from service.web.routes import admin as admin_routes
 from service.web.routes import health, pages, reading, studies, worklist
+from service.web.routes import metrics as metrics_routes
 from service.web.templating import STATIC_DIR, make_templates
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(worklist.router)
     app.include_router(reading.router)
     app.include_router(studies.router)
+    app.include_router(admin_routes.router)
+    app.include_router(metrics_routes.router)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_document(_actor: CurrentUser) -> JSONResponse:
