@@ -17,7 +17,7 @@ from service.db.session import make_engine, make_session_factory
 from service.web.auth import SessionCodec
 from service.web.deps import CurrentUser, LoginRequired
 from service.web.routes import admin as admin_routes
-from service.web.routes import health, pages, reading, studies, worklist
+from service.web.routes import admin_analytics, health, pages, reading, studies, worklist
 from service.web.routes import metrics as metrics_routes
 from service.web.templating import STATIC_DIR, make_templates
 
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(worklist.router)
     app.include_router(reading.router)
     app.include_router(studies.router)
+    app.include_router(admin_analytics.router)
     app.include_router(admin_routes.router)
     app.include_router(metrics_routes.router)
 

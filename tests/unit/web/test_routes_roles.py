@@ -95,6 +95,11 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("GET", "/api/series/{series_instance_uid}"): Call(_exp(401, 200, 200),
                                                        path=f"/api/series/{SERIES}"),
     ("GET", "/openapi.json"): Call(_exp(401, 200, 200)),
+    ("GET", "/admin/turnaround"): Call(_exp(303, 403, 200), check=_login_redirect),
+    ("GET", "/admin/turnaround.csv"): Call(_exp(303, 403, 200), check=_login_redirect),
+    ("GET", "/api/turnaround"): Call(_exp(401, 403, 200), params={"priority": "STAT"}),
+    ("GET", "/admin/monitoring"): Call(_exp(303, 403, 200), check=_login_redirect,
+                                       params={"period": "week"}),
     ("GET", "/static/{path}"): Call(_exp(200, 200, 200), path="/static/app.css"),
 }
 
