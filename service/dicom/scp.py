@@ -78,6 +78,7 @@ STATUS_UNEXPECTED = 0xC211
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_DUPLICATE_INSTANCE = 0x0111
 STATUS_NO_SUCH_INSTANCE = 0x0112
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 MAX_ASSOCIATIONS = 64
 
@@ -341,7 +342,7 @@ class StorageSCP:
         stats = self._stats_for(event.assoc)
         request = cast(N_CREATE, event.request)
         if str(request.AffectedSOPClassUID) != ModalityPerformedProcedureStep:
-            return 0x0122, None  # SOP class not supported
+            return STATUS_SOP_CLASS_NOT_SUPPORTED, None
         try:
             attributes = event.attribute_list
         except Exception:  # noqa: BLE001
@@ -382,7 +383,7 @@ class StorageSCP:
         stats = self._stats_for(event.assoc)
         set_request = cast(N_SET, event.request)
         if str(set_request.RequestedSOPClassUID) != ModalityPerformedProcedureStep:
-            return 0x0122, None
+            return STATUS_SOP_CLASS_NOT_SUPPORTED, None
         if self.session_factory is None:
             return STATUS_PROCESSING_FAILURE, None
         try:

@@ -345,8 +345,11 @@ def write_instances(session: Session, items: Sequence[ReceivedInstance], *,
         delta.first_received = _earliest(delta.first_received, item.received_at)
         delta.last_received = _latest(delta.last_received, item.received_at)
         delta.acquired_at = _earliest(delta.acquired_at, header.acquired_at)
-        if use_images_in_acquisition and header.images_in_acquisition:
-            delta.expected = max(delta.expected or 0, header.images_in_acquisition)
+        # A multi-frame object's own count wins: its Images in Acquisition counts frames.
+        hint = header.frame_instances or (header.images_in_acquisition
+                                          if use_images_in_acquisition else None)
+        if hint:
+            delta.expected = max(delta.expected or 0, hint)
         if item.association_id is not None:
             delta.association_id = item.association_id
             delta.any_association = True

@@ -207,6 +207,21 @@ def fast_acquisition_time(elements: dict[int, tuple[str | None, bytes]]) -> date
     return None
 
 
+def frame_instances(number_of_frames: int | None, concatenation_total: int | None
+                    ) -> int | None:
+    """How many instances a series of multi-frame images holds, from one of them.
+
+    An enhanced (multi-frame) CT object carries its whole stack unless it is one part of a
+    concatenation, whose parts all state the total (PS3.3 C.7.6.16). Single-frame images say
+    nothing (``None``).
+    """
+    if number_of_frames is None or number_of_frames <= 1:
+        return None
+    if concatenation_total is not None and concatenation_total > 0:
+        return concatenation_total
+    return 1
+
+
 @dataclass(slots=True)
 class InstanceHeader:
     """What the database keeps about one instance, its series and its study."""
@@ -219,6 +234,10 @@ class InstanceHeader:
     instance_number: int | None = None
     acquired_at: datetime | None = None
     images_in_acquisition: int | None = None
+    frame_instances: int | None = None
+    """Instances the series holds according to a multi-frame header (Number of Frames > 1):
+    In-concatenation Total Number when the frames are split over a concatenation, else 1 (the
+    object is the whole stack); ``None`` for single-frame images. A completion hint."""
     # study
     patient_id: str | None = None
     patient_name: str | None = None
@@ -254,6 +273,8 @@ class InstanceHeader:
             instance_number=integer(ds, "InstanceNumber"),
             acquired_at=acquisition_time(ds),
             images_in_acquisition=integer(ds, "ImagesInAcquisition"),
+            frame_instances=frame_instances(integer(ds, "NumberOfFrames"),
+                                            integer(ds, "InConcatenationTotalNumber")),
             patient_id=text(ds, "PatientID", 64),
             patient_name=text(ds, "PatientName", 324),
             patient_birth_date=da(ds, "PatientBirthDate"),
@@ -288,6 +309,12 @@ class InstanceHeader:
             except ValueError:
                 return None
 
+        def unsigned_short(tag: int) -> int | None:
+            element = elements.get(tag)
+            if element is None or len(element[1]) < 2:
+                return None
+            return int.from_bytes(element[1][:2], "little")
+
         acquired = fast_acquisition_time(elements)
         if acquired is None and any(t in elements for t in (0x0008002A, 0x00080022,
                                                              0x00080023, 0x00080021,
@@ -299,7 +326,9 @@ class InstanceHeader:
                    sop_class_uid=_ascii(sop_class[1])[:64] if sop_class else "",
                    transfer_syntax_uid=transfer_syntax_uid,
                    instance_number=number_of(0x00200013), acquired_at=acquired,
-                   images_in_acquisition=number_of(0x00201002))
+                   images_in_acquisition=number_of(0x00201002),
+                   frame_instances=frame_instances(number_of(0x00280008),
+                                                   unsigned_short(0x00209163)))
 
     def study_values(self) -> dict[str, Any]:
         return {

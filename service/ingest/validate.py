@@ -53,6 +53,8 @@ HEADER_TAGS = frozenset({
     0x00200011, 0x00200013,  # Series Number, Instance Number
     0x00200052,  # Frame of Reference UID
     0x00201002,  # Images in Acquisition
+    0x00209163,  # In-concatenation Total Number (US): completion hint of multi-frame series
+    0x00280008,  # Number of Frames: completion hint of multi-frame series
 })
 _MAX_CAPTURED = 1024
 

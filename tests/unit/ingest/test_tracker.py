@@ -377,15 +377,20 @@ def test_not_analyzable_series_gets_reason_and_no_analysis(ingest_env: IngestEnv
 
 def test_reopened_series_gets_new_analysis_superseding_the_old(ingest_env: IngestEnv) -> None:
     broker = FakeBroker()
+    clock = Clock()
     spec = SeriesSpec(slices=13, images_in_acquisition=12)
     receive_series(ingest_env, spec, range(12))
-    tracker = make_tracker(ingest_env, broker)
+    tracker = make_tracker(ingest_env, broker, clock)
     tracker.tick()
     (first,) = analyses(ingest_env)
     receive_series(ingest_env, spec, range(12, 13), association_id="late")
     series = series_row(ingest_env, spec.series_uid)
     assert series.state == SeriesState.RECEIVING and series.reopened_count == 1
-    tracker.tick()  # 13 >= 12 expected: complete again at once
+    # 13 instances where the hint said 12: the hint is wrong, so the timers decide.
+    assert tracker.tick().completed == []
+    clock.offset = timedelta(seconds=ingest_env.settings.completion_idle_s + 1)
+    assert tracker.tick().completed
+    assert series_row(ingest_env, spec.series_uid).completion_reason == "idle"
     old, new = analyses(ingest_env)
     assert old.id == first.id and old.state == AnalysisState.SUPERSEDED
     assert old.superseded_by_id == new.id
@@ -462,3 +467,28 @@ def test_model_version_from_manifest(ingest_env: IngestEnv, tmp_path: Any) -> No
 def test_fingerprint_ignores_order(pairs: list[tuple[str, str]]) -> None:
     assert input_fingerprint(pairs) == input_fingerprint(reversed(pairs))
     assert input_fingerprint(pairs) != input_fingerprint(pairs[:1])
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_hot_path_header_reads_the_frame_hint(syntax: str) -> None:
+    """The SCP's walk (no pydicom parse) captures Number of Frames and the concatenation total
+    (US, binary) in either VR encoding."""
+    import io
+
+    from service.ingest.header import InstanceHeader
+    from service.ingest.validate import scan_dataset, split_part10
+
+    spec = SeriesSpec(slices=20)
+    ds = multiframe_dataset(spec, 10, concatenation=(1, 3))
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    found, offset = split_part10(data)
+    assert found == syntax
+    keys = scan_dataset(data[offset:], syntax)
+    header = InstanceHeader.per_instance(keys.elements, study_uid=spec.study_uid,
+                                         series_uid=spec.series_uid,
+                                         sop_uid=str(ds.SOPInstanceUID),
+                                         transfer_syntax_uid=syntax)
+    assert header.frame_instances == 3
