@@ -26,6 +26,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from service import shipped
+
 ENV_PREFIX = "TRIAGE_"
 CONFIG_FILE_VARIABLE = "TRIAGE_CONFIG_FILE"
 
@@ -152,7 +154,9 @@ class Settings(BaseSettings):
     """IANA timezone of naive DICOM dates/times (Timezone Offset From UTC in a header wins)."""
 
     # --- model and inference ----------------------------------------------------------------
-    model_dir: Path = Path("models/cspine-v1")
+    model_dir: Path = Field(default_factory=shipped.model_dir)
+    """The model's artifacts (manifest.json, ONNX files); default: the shipped cspine-v1, as an
+    absolute path, in a checkout or an installed wheel (``service/shipped.py``)."""
     execution_providers: CsvList = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from alembic import command
+from service import shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ALEMBIC_DIR = REPO_ROOT / "alembic"
+ALEMBIC_DIR = shipped.alembic_dir()
+"""The migrations: ``alembic/`` of the checkout, or its copy inside an installed wheel."""
 
 
 def alembic_config(database_url: str) -> Config:
