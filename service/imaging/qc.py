@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from enum import StrEnum
 
+from service.findings import VERTEBRAE
 from service.outcomes import SeriesReason
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ class VolumeError(Exception):
         return (type(self), (self.reason, self.detail))
 
 
-CERVICAL_VERTEBRAE: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 DEFAULT_MIN_CERVICAL_VERTEBRAE = 3
 """A study showing fewer distinct cervical vertebrae than this is not a cervical-spine study."""
 
@@ -69,13 +69,14 @@ def check_cervical_spine(
 
     ``NO_CERVICAL_SPINE`` when none is in view, ``TOO_LITTLE_CERVICAL_SPINE`` when some but
     fewer than ``min_vertebrae`` are. ``vertebrae_in_view`` holds names such as ``"C2"`` (as
-    in ``service.findings.VERTEBRAE``); other names (thoracic levels) are ignored.
+    in :data:`service.findings.VERTEBRAE`, the one list of levels); other names (thoracic
+    levels) are ignored.
     ``skull_base_in_view`` only words the detail (a head CT ending above the neck). Called
     by the worker after segmentation, before any flag: the loader cannot know it.
     """
     if min_vertebrae < 1:
         raise ValueError("min_vertebrae must be >= 1")
-    found = sorted({v for v in vertebrae_in_view if v in CERVICAL_VERTEBRAE})
+    found = sorted({v for v in vertebrae_in_view if v in VERTEBRAE})
     if len(found) < min_vertebrae:
         listed = ", ".join(found) if found else "none"
         where = ("; the skull base is in view: the scan ends at or above the upper neck"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from service.findings import VERTEBRAE
 from service.imaging.qc import (
-    CERVICAL_VERTEBRAE,
     QcWarning,
     VolumeError,
     check_cervical_spine,
@@ -33,7 +33,7 @@ def test_the_issue_codes_exist() -> None:
 
 def test_cervical_spine_check() -> None:
     check_cervical_spine(["C2", "C3", "C4"])
-    check_cervical_spine(CERVICAL_VERTEBRAE)
+    check_cervical_spine(VERTEBRAE)
     with pytest.raises(VolumeError) as info:
         check_cervical_spine(["C7", "T1", "T2", "T3"])
     assert info.value.reason is SeriesReason.TOO_LITTLE_CERVICAL_SPINE
