@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from celery import Celery
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
@@ -45,10 +45,10 @@ from service.web.auth import Actor
 from service.web.deps import (
     MAX_ID,
     MAX_OFFSET,
+    AdminPage,
     AdminUser,
     CodecDep,
     CsrfChecked,
-    PageUser,
     SessionDep,
     SettingsDep,
     client_ip,
@@ -60,16 +60,6 @@ router = APIRouter(tags=["admin"], include_in_schema=False)
 
 PAGE_SIZE = 50
 CSV_MAX_ROWS = 1_000_000
-
-
-def _admin_page(actor: PageUser) -> Actor:
-    if not actor.is_admin:
-        raise HTTPException(status_code=403, detail="admin role required")
-    return actor
-
-
-AdminPage = Annotated[Actor, Depends(_admin_page)]
-"""A page for admins: ``/login`` when nobody is logged in, 403 for a radiologist."""
 
 
 def _templates(request: Request) -> Jinja2Templates:
