@@ -147,7 +147,8 @@ class Series(Base):
     last_association_id: Mapped[str | None] = mapped_column(String(64))
     association_released_at: Mapped[datetime | None]
     completion_reason: Mapped[str | None] = mapped_column(String(32))
-    """Why the series was judged complete: expected_count, mpps, association_idle, idle."""
+    """Why the series was judged complete: mpps, expected_count, number_of_frames,
+    association_idle, idle (``service.ingest.tracker.CompletionReason``)."""
     acquired_at: Mapped[datetime | None]
     first_received_at: Mapped[datetime | None]
     last_received_at: Mapped[datetime | None]

@@ -80,7 +80,7 @@ class SeriesSummary(BaseModel):
     """Distinct SOP Instance UIDs received."""
     expected_instances: int | None
     completion_reason: str | None
-    """expected_count, mpps, association_idle or idle."""
+    """mpps, expected_count, number_of_frames, association_idle or idle (ingest.tracker)."""
     reopened_count: int
     selected: bool
     """The series of its study chosen for analysis."""
