@@ -71,12 +71,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_evaluate_real(args: argparse.Namespace, settings: Settings) -> int:
     from service.evaluation.levels import load_reference
-    from service.evaluation.real import (
-        default_data_dir,
-        evaluate_real,
-        summarize,
-        write_report,
-    )
+    from service.evaluation.real import evaluate_real, summarize, write_report
+    from service.evaluation.scans import default_data_dir
     from service.inference.runtime import load_runtime
 
     if args.model_dir:

@@ -184,7 +184,7 @@ def draw_scan(hu: np.ndarray, affine: np.ndarray, entry: dict[str, Any], out: Pa
 def main(argv: Sequence[str] | None = None) -> int:
     from service.config import Settings
     from service.evaluation.levels import LevelReferenceError, load_reference, reference_for
-    from service.evaluation.real import default_data_dir, find_scans, load_scan
+    from service.evaluation.scans import default_data_dir, find_scans, load_scan
     from service.findings import VERTEBRAE
 
     parser = argparse.ArgumentParser(prog="python -m service.evaluation.real_figures",

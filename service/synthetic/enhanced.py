@@ -19,8 +19,20 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import UID, EnhancedCTImageStorage
 
+from service.synthetic.dicom_base import (
+    IMPLEMENTATION_CLASS_UID,
+    WriterOptions,
+    ct_acquisition,
+    descriptions_for,
+    deterministic_uid,
+    ds_string,
+    encode_frames,
+    make_file_meta,
+    stored_values,
+    study_datetime,
+)
+
 if TYPE_CHECKING:
-    from service.synthetic.dicom_writer import WriterOptions
     from service.synthetic.phantom import Phantom
 
 logger = logging.getLogger(__name__)
@@ -40,21 +52,10 @@ def _seq(*items: Dataset) -> DicomSequence:
 def build_enhanced_ct(phantom: Phantom, options: WriterOptions, volume: np.ndarray,
                       kept: list[int], common: Dataset, series_uid: str, frame_uid: str,
                       description: str, number: int, kernel: str, sop_uid: str) -> Dataset:
-    from service.synthetic.dicom_writer import (
-        _ct_acquisition,
-        _descriptions,
-        _ds,
-        _file_meta,
-        _stored,
-        _study_datetime,
-        deterministic_uid,
-        encode_frames,
-    )
-
-    descriptions = _descriptions(phantom, options)
-    when = _study_datetime(phantom) + dt.timedelta(minutes=3)
+    descriptions = descriptions_for(phantom, options)
+    when = study_datetime(phantom) + dt.timedelta(minutes=3)
     acq = Dataset()
-    _ct_acquisition(acq, phantom, kernel, options)
+    ct_acquisition(acq, phantom, kernel, options)
     ds = common
     ds.SOPClassUID = EnhancedCTImageStorage
     ds.SOPInstanceUID = sop_uid
@@ -104,19 +105,20 @@ def build_enhanced_ct(phantom: Phantom, options: WriterOptions, volume: np.ndarr
               FunctionalGroupPointer=Tag(0x0020, 0x9111),
               DimensionDescriptionLabel="In-Stack Position Number"))
 
-    stored_frames = [_stored(volume[k], options)[0] for k in kept]
-    intercept = _stored(volume[kept[0]], options)[1]
+    stored_frames = [stored_values(volume[k], options)[0] for k in kept]
+    intercept = stored_values(volume[kept[0]], options)[1]
     t = np.radians(options.gantry_tilt_deg)
     anatomy = _item(AnatomicRegionSequence=_seq(_item(
         CodeValue="122494005", CodingSchemeDesignator="SCT", CodeMeaning="Cervical spine")),
         FrameLaterality="U")
     shared = _item(
         PixelMeasuresSequence=_seq(_item(
-            PixelSpacing=[_ds(phantom.spacing[1]), _ds(phantom.spacing[2])],
-            SliceThickness=_ds(phantom.slice_thickness),
-            SpacingBetweenSlices=_ds(phantom.spacing[0]))),
+            PixelSpacing=[ds_string(phantom.spacing[1]), ds_string(phantom.spacing[2])],
+            SliceThickness=ds_string(phantom.slice_thickness),
+            SpacingBetweenSlices=ds_string(phantom.spacing[0]))),
         PlaneOrientationSequence=_seq(_item(
-            ImageOrientationPatient=[1, 0, 0, 0, _ds(float(np.cos(t))), _ds(float(np.sin(t)))])),
+            ImageOrientationPatient=[1, 0, 0, 0, ds_string(float(np.cos(t))),
+                                     ds_string(float(np.sin(t)))])),
         FrameAnatomySequence=_seq(anatomy),
         PixelValueTransformationSequence=_seq(_item(
             RescaleIntercept=str(intercept), RescaleSlope="1", RescaleType="HU")),
@@ -164,7 +166,8 @@ def build_enhanced_ct(phantom: Phantom, options: WriterOptions, volume: np.ndarr
                 FrameAcquisitionNumber=1, FrameReferenceDateTime=stamp,
                 FrameAcquisitionDateTime=stamp, FrameAcquisitionDuration=15.0,
                 StackID="1", InStackPositionNumber=i + 1, DimensionIndexValues=[1, i + 1])),
-            PlanePositionSequence=_seq(_item(ImagePositionPatient=[_ds(x), _ds(y), _ds(z)])),
+            PlanePositionSequence=_seq(_item(
+                ImagePositionPatient=[ds_string(x), ds_string(y), ds_string(z)])),
             CTPositionSequence=_seq(_item(TablePosition=float(z),
                                           DataCollectionCenterPatient=[0.0, 0.0, float(z)],
                                           ReconstructionTargetCenterPatient=[0.0, 0.0, float(z)])),
@@ -178,7 +181,7 @@ def build_enhanced_ct(phantom: Phantom, options: WriterOptions, volume: np.ndarr
     else:
         ds.PixelData = np.stack(stored_frames).tobytes()
         ds["PixelData"].VR = "OW"
-    ds.file_meta = _file_meta(EnhancedCTImageStorage, sop_uid, syntax.uid)
+    ds.file_meta = make_file_meta(EnhancedCTImageStorage, sop_uid, syntax.uid)
     return ds
 
 
@@ -186,8 +189,6 @@ def build_legacy_converted(datasets: list[Dataset], series_uid: str, number: int
                            sop_uid: str, transfer_syntax: str) -> Dataset:
     """Legacy Converted Enhanced CT Image (highdicom) from single-frame CT datasets."""
     import highdicom as hd
-
-    from service.synthetic.dicom_writer import IMPLEMENTATION_CLASS_UID
 
     datasets = sorted(datasets, key=lambda d: int(d.InstanceNumber))
     image = hd.legacy.LegacyConvertedEnhancedCTImage(

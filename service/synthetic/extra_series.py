@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage
 
-from service.synthetic.dicom_writer import (
+from service.synthetic.dicom_base import (
     WriterOptions,
-    _common,
-    _ct_acquisition,
-    _descriptions,
-    _ds,
-    _file_meta,
-    _save,
-    _study_datetime,
-    _uid,
+    common_attributes,
+    ct_acquisition,
+    descriptions_for,
+    ds_string,
     encode_frames,
+    make_file_meta,
+    phantom_uid,
+    save_dataset,
+    study_datetime,
 )
 from service.synthetic.phantom import Phantom
 
@@ -41,36 +41,36 @@ def localizer_image(phantom: Phantom) -> np.ndarray:
 def write_localizer(phantom: Phantom, out_dir: Path, options: WriterOptions) -> Path:
     """One lateral localizer image, CT Image Storage with ImageType ...\\LOCALIZER."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    descriptions = _descriptions(phantom, options)
-    ds = _common(phantom, options, descriptions)
-    when = _study_datetime(phantom) + dt.timedelta(minutes=1)
+    descriptions = descriptions_for(phantom, options)
+    ds = common_attributes(phantom, options, descriptions)
+    when = study_datetime(phantom) + dt.timedelta(minutes=1)
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = _uid(phantom, options, "localizer-image")
+    ds.SOPInstanceUID = phantom_uid(phantom, options, "localizer-image")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    ds.SeriesInstanceUID = _uid(phantom, options, "localizer-series")
+    ds.SeriesInstanceUID = phantom_uid(phantom, options, "localizer-series")
     ds.SeriesNumber = 1
     ds.SeriesDate = when.strftime("%Y%m%d")
     ds.SeriesTime = when.strftime("%H%M%S")
     ds.SeriesDescription = "Topogram 0.6 T20s"
     ds.ProtocolName = descriptions.protocol
     ds.BodyPartExamined = descriptions.body_part
-    ds.FrameOfReferenceUID = _uid(phantom, options, "frame-of-reference")
+    ds.FrameOfReferenceUID = phantom_uid(phantom, options, "frame-of-reference")
     ds.PositionReferenceIndicator = ""
     ds.AcquisitionNumber = 1
     ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S")
     ds.ContentDate = when.strftime("%Y%m%d")
     ds.ContentTime = when.strftime("%H%M%S")
     ds.InstanceNumber = 1
-    _ct_acquisition(ds, phantom, "SOFT", options)
+    ct_acquisition(ds, phantom, "SOFT", options)
     ds.ScanOptions = "SURVIEW"
     img = localizer_image(phantom)
     nz = phantom.shape[0]
     x0, y0, _ = phantom.origin
     top = phantom.slice_position(nz - 1)[2]
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    ds.ImagePositionPatient = [_ds(0.0), _ds(y0), _ds(top)]
-    ds.PixelSpacing = [_ds(phantom.spacing[0]), _ds(phantom.spacing[1])]
-    ds.SliceThickness = _ds(0.6)
+    ds.ImagePositionPatient = [ds_string(0.0), ds_string(y0), ds_string(top)]
+    ds.PixelSpacing = [ds_string(phantom.spacing[0]), ds_string(phantom.spacing[1])]
+    ds.SliceThickness = ds_string(0.6)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = img.shape
@@ -93,9 +93,9 @@ def write_localizer(phantom: Phantom, out_dir: Path, options: WriterOptions) -> 
     else:
         ds.PixelData = img.tobytes()
         ds["PixelData"].VR = "OW"
-    ds.file_meta = _file_meta(CTImageStorage, ds.SOPInstanceUID, syntax.uid)
+    ds.file_meta = make_file_meta(CTImageStorage, ds.SOPInstanceUID, syntax.uid)
     path = out_dir / "1.dcm"
-    _save(ds, path)
+    save_dataset(ds, path)
     return path
 
 
@@ -116,18 +116,18 @@ def write_dose_report(phantom: Phantom, out_dir: Path, options: WriterOptions) -
     import highdicom as hd
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    descriptions = _descriptions(phantom, options)
-    common = _common(phantom, options, descriptions, modality="OT")
-    when = _study_datetime(phantom) + dt.timedelta(minutes=6)
+    descriptions = descriptions_for(phantom, options)
+    common = common_attributes(phantom, options, descriptions, modality="OT")
+    when = study_datetime(phantom) + dt.timedelta(minutes=6)
     sc = hd.sc.SCImage(
         pixel_array=_dose_page(phantom),
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         study_instance_uid=common.StudyInstanceUID,
-        series_instance_uid=_uid(phantom, options, "dose-series"),
+        series_instance_uid=phantom_uid(phantom, options, "dose-series"),
         series_number=999,
-        sop_instance_uid=_uid(phantom, options, "dose-image"),
+        sop_instance_uid=phantom_uid(phantom, options, "dose-image"),
         instance_number=1,
         manufacturer=common.Manufacturer,
         patient_id=common.PatientID,
@@ -146,9 +146,9 @@ def write_dose_report(phantom: Phantom, out_dir: Path, options: WriterOptions) -
     sc.ContentDate = when.strftime("%Y%m%d")  # type: ignore[assignment]
     sc.ContentTime = when.strftime("%H%M%S")  # type: ignore[assignment]
     sc.file_meta = copy.copy(sc.file_meta)
-    sc.file_meta.ImplementationClassUID = _file_meta(
+    sc.file_meta.ImplementationClassUID = make_file_meta(
         SecondaryCaptureImageStorage, sc.SOPInstanceUID, sc.file_meta.TransferSyntaxUID
     ).ImplementationClassUID
     path = out_dir / "1.dcm"
-    _save(sc, path)
+    save_dataset(sc, path)
     return path

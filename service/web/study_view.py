@@ -22,8 +22,8 @@ from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from service.web.auth import Actor
 from service.web.images import views_for
-from service.web.routes.studies import _failed_rules, _series_fields
 from service.web.schemas import LevelResult, SeriesSummary
+from service.web.series_fields import failed_rules, series_fields
 from service.web.study_schemas import (
     VERTEBRAE,
     AnalysisView,
@@ -188,7 +188,7 @@ def study_detail(session: Session, settings: Settings, study_instance_uid: str) 
             id=analysis.id, series_instance_uid=series.series_instance_uid,
             state=analysis.state, result=analysis.result, model_version=analysis.model_version,
             reason_code=analysis.reason_code, warnings=[str(w) for w in analysis.warnings or []],
-            failed_rules=_failed_rules(analysis), levels=_levels(analysis),
+            failed_rules=failed_rules(analysis), levels=_levels(analysis),
             patient_probability=analysis.patient_probability,
             execution_provider=analysis.execution_provider,
             stage_durations=dict(analysis.stage_durations or {}))
@@ -221,7 +221,7 @@ def study_detail(session: Session, settings: Settings, study_instance_uid: str) 
         read_by=review.read_by if review else None,
         read_at=review.read_at if review else None,
         selected_series_instance_uid=selected_uid,
-        series=[SeriesSummary(**_series_fields(s, study.selected_series_id))
+        series=[SeriesSummary(**series_fields(s, study.selected_series_id))
                 for s in series_list],
         analysis=view,
         turnaround=turnaround(series, analysis, settings.turnaround_band_s) if series else None,

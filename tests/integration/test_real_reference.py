@@ -16,7 +16,7 @@ import pytest
 
 from service.config import Settings
 from service.evaluation.levels import load_reference, pixel_sha256, reference_for
-from service.evaluation.real import find_scans, load_scan
+from service.evaluation.scans import find_scans, load_scan
 
 DATA_DIR = Path(os.environ.get(
     "TEST_REAL_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))

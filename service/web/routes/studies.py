@@ -19,36 +19,14 @@ from service.web.deps import AUTH_RESPONSES, MAX_OFFSET, NOT_FOUND, CurrentUser,
 from service.web.schemas import (
     AnalysisSummary,
     LevelResult,
-    PlausibilityFailure,
     SeriesDetail,
     SeriesSummary,
     StudyList,
     StudySummary,
 )
+from service.web.series_fields import failed_rules, series_fields
 
 router = APIRouter(prefix="/api", tags=["studies"], responses=AUTH_RESPONSES)
-
-
-def _series_fields(series: Series, selected_id: int | None) -> dict[str, Any]:
-    return {
-        "series_instance_uid": series.series_instance_uid,
-        "series_number": series.series_number,
-        "modality": series.modality,
-        "series_description": series.series_description,
-        "state": series.state,
-        "state_reason": series.state_reason,
-        "qualified": series.qualified,
-        "qualification_reason": series.qualification_reason,
-        "instance_count": series.instance_count,
-        "expected_instances": series.expected_instances,
-        "completion_reason": series.completion_reason,
-        "reopened_count": series.reopened_count,
-        "selected": selected_id is not None and series.id == selected_id,
-        "acquired_at": series.acquired_at,
-        "first_received_at": series.first_received_at,
-        "last_received_at": series.last_received_at,
-        "completed_at": series.completed_at,
-    }
 
 
 def studies_page(session: Session, *, limit: int = 50, offset: int = 0,
@@ -82,7 +60,7 @@ def studies_page(session: Session, *, limit: int = 50, offset: int = 0,
             study_description=study.study_description, priority=study.priority,
             selected_series_instance_uid=selected_uid, selection_reason=study.selection_reason,
             first_received_at=first, last_received_at=last_received,
-            series=[SeriesSummary(**_series_fields(s, study.selected_series_id))
+            series=[SeriesSummary(**series_fields(s, study.selected_series_id))
                     for s in series_list]))
     return StudyList(total=total, limit=limit, offset=offset, items=items)
 
@@ -98,12 +76,6 @@ def _parse_detail(raw: str | None) -> tuple[str | None, dict[str, Any]]:
         return raw, {}
     metrics = data.get("metrics")
     return data.get("detail"), metrics if isinstance(metrics, dict) else {}
-
-
-def _failed_rules(analysis: Analysis) -> list[PlausibilityFailure]:
-    report = analysis.plausibility or {}
-    return [PlausibilityFailure(**f) for f in report.get("failures", [])
-            if isinstance(f, dict)]
 
 
 def _levels(analysis: Analysis) -> list[LevelResult]:
@@ -130,7 +102,7 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
                                ).scalars().all()
     detail, metrics = _parse_detail(series.qualification_detail)
     return SeriesDetail(
-        **_series_fields(series, selected_id),
+        **series_fields(series, selected_id),
         study_instance_uid=study_uid,
         body_part_examined=series.body_part_examined,
         protocol_name=series.protocol_name,
@@ -145,7 +117,7 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
             id=a.id, state=a.state, model_version=a.model_version,
             input_fingerprint=a.input_fingerprint, reason_code=a.reason_code,
             warnings=[str(w) for w in a.warnings or []], result=a.result,
-            failed_rules=_failed_rules(a), levels=_levels(a),
+            failed_rules=failed_rules(a), levels=_levels(a),
             patient_probability=a.patient_probability, attempts=a.attempts,
             superseded_by_id=a.superseded_by_id, created_at=a.created_at,
             queued_at=a.queued_at, started_at=a.started_at, finished_at=a.finished_at)

@@ -11,7 +11,8 @@ import pytest
 
 from service.evaluation import levels as lv
 from service.evaluation.cli import cmd_evaluate_real, register_real
-from service.evaluation.real import ScanResult, find_scans, render_markdown, summarize
+from service.evaluation.real import ScanResult, render_markdown, summarize
+from service.evaluation.scans import find_scans
 from service.findings import VERTEBRAE, Findings
 from service.imaging.volume import Volume
 
