@@ -100,6 +100,17 @@ ROUTES: dict[tuple[str, str], Call] = {
     ("GET", "/api/turnaround"): Call(_exp(401, 403, 200), params={"priority": "STAT"}),
     ("GET", "/admin/monitoring"): Call(_exp(303, 403, 200), check=_login_redirect,
                                        params={"period": "week"}),
+    ("GET", "/admin/audit"): Call(_exp(303, 403, 200), check=_login_redirect,
+                                  params={"subject": UID}),
+    ("GET", "/admin/audit.csv"): Call(_exp(401, 403, 200)),
+    ("GET", "/admin/status"): Call(_exp(303, 403, 200), check=_login_redirect),
+    # The seeded analysis is DONE and its exports SENT: an admin is heard, and refused (409).
+    ("POST", "/admin/analyses/{analysis_id}/retry"): Call(
+        _exp(401, 403, 409), path="/admin/analyses/1/retry"),
+    ("POST", "/admin/exports/{export_id}/resend"): Call(
+        _exp(401, 403, 409), path="/admin/exports/1/resend"),
+    # No metrics token configured here: an admin only (test_metrics covers the token).
+    ("GET", "/metrics"): Call(_exp(401, 403, 200)),
     ("GET", "/static/{path}"): Call(_exp(200, 200, 200), path="/static/app.css"),
 }
 
