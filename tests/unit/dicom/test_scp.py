@@ -25,6 +25,7 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from harness.data.ctdata import SeriesSpec, ct_dataset, write_series
+from harness.dcmtk import dcmtk
 from harness.peers.dicom import Scu
 from service.db.tables import AuditEvent, Instance, Series
 from service.dicom.runner import IngestNode
@@ -113,7 +114,7 @@ def _compressed_inputs(tmp_path: Path) -> list[tuple[str, Path, np.ndarray]]:
         path = tmp_path / f"{label}.dcm"
         ds.save_as(path, enforce_file_format=True)
         out.append((label, path, expected))
-    dcmcjpeg = shutil.which("dcmcjpeg")
+    dcmcjpeg = dcmtk("dcmcjpeg")
     if dcmcjpeg:
         for index, (label, flag) in enumerate((("jpeg-lossless-sv1", "+e1"),
                                                ("jpeg-lossless-p14", "+el"))):
@@ -139,7 +140,7 @@ def test_compressed_transfer_syntaxes_stored_byte_for_byte(
         scu_for: Callable[..., Scu]) -> None:
     node = start_node()
     inputs = _compressed_inputs(tmp_path)
-    if not shutil.which("dcmcjpeg"):
+    if not dcmtk("dcmcjpeg"):
         pytest.skip("DCMTK dcmcjpeg absent: JPEG baseline/lossless inputs cannot be made")
     statuses = scu_for(node.scp.port).store([path for _, path, _ in inputs])  # type: ignore[union-attr]
     assert statuses == [STATUS_SUCCESS] * len(inputs)

@@ -25,6 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from harness.dcmtk import dcmtk
 from service.imaging.geometry import AIR_HU
 from service.imaging.qc import QcWarning, VolumeError
 from service.imaging.source import DEFER_SIZE
@@ -167,7 +168,7 @@ def test_transfer_syntaxes_and_signedness(series_dir: Path, transfer_syntax: UID
 
 
 def test_jpeg_lossless_process14_through_gdcm(tmp_path: Path) -> None:
-    if shutil.which("dcmcjpeg") is None:
+    if dcmtk("dcmcjpeg") is None:
         pytest.skip("dcmcjpeg (DCMTK) not installed: cannot write JPEG Lossless test files")
     spec = SeriesSpec(n_slices=6)
     paths = _dcmcjpeg_lossless(tmp_path, spec)

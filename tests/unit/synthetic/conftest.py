@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from harness.dcmtk import dcmtk
 from service.synthetic import Phantom, PhantomOptions, generate_phantom
 
 SMALL = PhantomOptions(seed=1, matrix=160, pixel_spacing=0.5, n_slices=64)
@@ -35,7 +36,7 @@ def dciodvfy() -> str:
 
 @pytest.fixture
 def dcmdump() -> str:
-    path = shutil.which("dcmdump")
+    path = dcmtk("dcmdump")
     if path is None:
         pytest.skip("dcmdump (Debian package dcmtk) not installed")
     return path
