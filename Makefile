@@ -27,7 +27,7 @@ test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
-	$(BIN)/ruff check service tests models bench
+	$(BIN)/ruff check service tests models bench harness setup.py
 	$(BIN)/mypy
 
 demo: $(VENV)/.runtime-installed
