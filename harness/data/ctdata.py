@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -51,8 +52,8 @@ def ct_dataset(spec: SeriesSpec, index: int, *, sop_uid: str | None = None,
     spacing = spec.spacing_mm or spec.thickness_mm
     sop_uid = sop_uid or generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = spec.sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID(spec.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta

@@ -143,7 +143,9 @@ class Scu:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in
                                  dict.fromkeys(contexts)]
-        return ae.associate("127.0.0.1", self.port, ae_title=self.called, tls_args=self.tls_args)
+        # pynetdicom's annotation wants a hostname; None (no name check) works at run time.
+        return ae.associate("127.0.0.1", self.port, ae_title=self.called,
+                            tls_args=self.tls_args)  # type: ignore[arg-type]
 
     def store(self, items: Sequence[Path | Dataset]) -> list[int]:
         """Send every item in one association; the statuses in order (-1: no response)."""
