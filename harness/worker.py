@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness.process import wait_until
+from service import shipped
 from service.config import Settings
 from service.db.tables import (
     Analysis,
@@ -30,8 +31,9 @@ from service.ingest.dispatch import create_analysis, input_fingerprint, model_ve
 from service.ingest.spool import Spool
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = Path(os.environ.get("CSPINE_TEST_MODEL_DIR") or REPO / "models" / "cspine-v1")
-"""The shipped artifacts; CSPINE_TEST_MODEL_DIR points the tests at another export."""
+SHIPPED_MODEL = Path(os.environ.get("CSPINE_TEST_MODEL_DIR") or shipped.model_dir())
+"""The shipped artifacts (where the service finds them); CSPINE_TEST_MODEL_DIR points the
+tests and ``bench.e2e`` at another export."""
 
 
 def shipped_model_dir() -> Path:
