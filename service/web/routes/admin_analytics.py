@@ -14,7 +14,7 @@ import logging
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.orm import Session
@@ -52,13 +52,33 @@ router = APIRouter(tags=["admin"])
 
 DEFAULT_DAYS = 7
 """Without a date range the figures cover the last seven UTC days (today included)."""
+MONITORING_DAYS = 90
+"""Without a date range the monitoring page covers the last 90 UTC days."""
 
-DayParam = Annotated[date | None, Query(description="UTC day, inclusive (YYYY-MM-DD)")]
+DayParam = Annotated[str | None, Query(max_length=32,
+                                       description="UTC day, inclusive (YYYY-MM-DD)")]
+"""A day as text: the filter forms send an empty field for "any day"."""
+
+
+def _day(value: str | None, *, strict: bool) -> date | None:
+    """Empty means no bound; a malformed day is a 422 for the API and ignored on a page."""
+    if not value or not value.strip():
+        return None
+    try:
+        return date.fromisoformat(value.strip())
+    except ValueError:
+        if strict:
+            raise HTTPException(status_code=422, detail=f"not a day (YYYY-MM-DD): {value!r}"
+                                ) from None
+        return None
 TextParam = Annotated[str | None, Query(max_length=64)]
 
 
-def _filters(date_from: date | None, date_to: date | None, calling_ae: str | None,
-             priority: str | None, model_version: str | None, *, today: date) -> Filters:
+def _filters(date_from_text: str | None, date_to_text: str | None, calling_ae: str | None,
+             priority: str | None, model_version: str | None, *, today: date,
+             strict: bool = False) -> Filters:
+    date_from = _day(date_from_text, strict=strict)
+    date_to = _day(date_to_text, strict=strict)
     if date_from is None and date_to is None:
         date_from = today - timedelta(days=DEFAULT_DAYS - 1)
     return Filters(date_from=date_from, date_to=date_to,
@@ -99,7 +119,7 @@ async def turnaround_api(request: Request, session: SessionDep, settings: Settin
     """Acquisition -> flag percentiles per stage and end to end (admin only). Without a date
     range: the last seven UTC days."""
     filters = _filters(date_from, date_to, calling_ae, priority, model_version,
-                       today=utcnow().date())
+                       today=utcnow().date(), strict=True)
     summary, _choices = await run_in_threadpool(_summary, session, settings, filters, actor,
                                                 client_ip(request), "turnaround.view")
     return TurnaroundReport(
@@ -179,12 +199,13 @@ async def monitoring_page(request: Request, session: SessionDep, codec: CodecDep
                           actor: AdminPage, date_from: DayParam = None,
                           date_to: DayParam = None,
                           period: monitoring.Period = monitoring.Period.DAY) -> Response:
-    if date_from is None and date_to is None:
-        date_from = utcnow().date() - timedelta(days=89)
+    first, last = _day(date_from, strict=False), _day(date_to, strict=False)
+    if first is None and last is None:
+        first = utcnow().date() - timedelta(days=MONITORING_DAYS - 1)
     result = await run_in_threadpool(_monitoring, session, actor, client_ip(request),
-                                     date_from, date_to, period)
-    filters: dict[str, Any] = {"date_from": date_from.isoformat() if date_from else "",
-                               "date_to": date_to.isoformat() if date_to else "",
+                                     first, last, period)
+    filters: dict[str, Any] = {"date_from": first.isoformat() if first else "",
+                               "date_to": last.isoformat() if last else "",
                                "period": period.value}
     return _page(request, "admin_monitoring.html", actor, codec, report=result,
                  filters=filters, periods=list(monitoring.Period),

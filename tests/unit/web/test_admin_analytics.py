@@ -205,7 +205,8 @@ def test_api_turnaround_figures(db: Any, tmp_path: Any) -> None:
 def create_app_for(url: str, **overrides: Any) -> Any:
     from service.config import Settings
 
-    return create_app(Settings(database_url=url, **overrides))
+    return create_app(Settings(database_url=url, secret_key="analytics-test-secret",
+                               **overrides))
 
 
 def test_turnaround_page_csv_and_monitoring_page(db: Any, tmp_path: Any) -> None:
@@ -222,6 +223,12 @@ def test_turnaround_page_csv_and_monitoring_page(db: Any, tmp_path: Any) -> None
         assert 'data-uid="2.slow"' in html and 'data-uid="1.fast"' not in html.split(
             'id="breaches"')[1]
         assert 'href="/admin/turnaround"' in html and 'href="/admin/monitoring"' in html
+        # The filter form sends every field, empty for "any".
+        empty = {"date_from": "", "date_to": "", "calling_ae": "", "priority": "",
+                 "model_version": ""}
+        assert client.get("/admin/turnaround", params=empty).status_code == 200
+        assert client.get("/admin/monitoring", params={"date_from": "", "date_to": "",
+                                                       "period": "week"}).status_code == 200
         response = client.get("/admin/turnaround.csv", params={"priority": "STAT"})
         assert response.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(response.text)))
