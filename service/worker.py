@@ -123,6 +123,16 @@ def _claim(ctx: WorkerContext, analysis_id: int, task_id: str | None) -> _Claim 
             logger.info("analysis %d is already %s; nothing to do", analysis_id,
                         analysis.state.value)
             return None
+        if (analysis.state is AnalysisState.RUNNING and task_id and analysis.task_id
+                and analysis.task_id != task_id and analysis.started_at is not None
+                and (utcnow() - analysis.started_at).total_seconds()
+                < ctx.settings.task_time_limit_s):
+            # A second message for an analysis another task is running (the dispatcher
+            # re-sent it after a broker restart, and the first message survived): skip it.
+            # The same task id is the broker redelivering after a worker died: take over.
+            logger.info("analysis %d is running as task %s; duplicate task %s skipped",
+                        analysis_id, analysis.task_id, task_id)
+            return None
         series = analysis.series
         now = utcnow()
         analysis.state = AnalysisState.RUNNING

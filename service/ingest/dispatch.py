@@ -10,6 +10,16 @@ retries every ``enqueue_retry_interval_s``. A process that dies between claim an
 a QUEUED row without ``task_id``; the sweep returns those to PENDING after
 ``STALE_CLAIM_S``. The worker may therefore, rarely, receive a task twice, and must claim the
 analysis atomically itself (``PENDING``/``QUEUED`` -> ``RUNNING``).
+
+The broker is not the source of truth: a Redis that restarts without persistence (or loses
+its last second of append-only file) forgets queued messages, and a QUEUED analysis whose
+message is gone would wait forever. The sweep therefore watches the broker's identity (Redis
+``run_id``, new at every server start): when it changes, every QUEUED analysis goes back to
+PENDING and is sent again, and every finished analysis with result objects not yet sent gets
+a new export task. A message that did survive is then delivered twice; the worker skips the
+copy (the analysis is RUNNING under the other task id, or already final) and a second export
+task finds nothing left to send or re-sends the same UIDs. Exports whose task was never sent
+(broker down when the analysis finished) are re-sent after ``STALE_EXPORT_S``.
 """
 
 from __future__ import annotations
@@ -28,13 +38,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import record
 from service.config import Settings
-from service.db.tables import Analysis, AnalysisState, Series, SeriesState
+from service.db.tables import Analysis, AnalysisState, Export, ExportState, Series, SeriesState
 from service.db.types import utcnow
 from service.model_manifest import model_version as manifest_model_version
 
 logger = logging.getLogger(__name__)
 
 STALE_CLAIM_S = 120.0
+STALE_EXPORT_S = 60.0
+"""A DONE analysis whose export rows are still PENDING this long after it finished lost its
+export task (broker down when the worker tried to enqueue it): enqueue it again."""
+BROKER_CHECK_S = 2.0
+"""How often the sweep asks the broker for its identity (one small round trip)."""
 EVENT_ENQUEUED = "analysis.enqueued"
 
 
@@ -127,7 +142,12 @@ class AnalysisDispatcher:
         self._clock = clock
         self._lock = threading.Lock()
         self._broker_down_until = 0.0
+        self._broker_identity: str | None = None
+        self._broker_checked = 0.0
+        self._exports_checked = 0.0
+        self._exports_sent_at: dict[int, float] = {}
         self.last_error: str | None = None
+        self.broker_restarts = 0
 
     def _default_app(self) -> Any:
         from service.queue import make_celery
@@ -203,6 +223,12 @@ class AnalysisDispatcher:
         self._release_stale_claims()
         if self.broker_backoff:
             return 0
+        restarted = self._broker_restarted()
+        if restarted:
+            self._requeue_lost()
+        if restarted or time.monotonic() - self._exports_checked >= STALE_EXPORT_S / 4:
+            self._exports_checked = time.monotonic()
+            self._resend_exports(all_unsent=restarted)
         with self._factory() as session:
             pending = list(session.execute(
                 select(Analysis.id).where(Analysis.state == AnalysisState.PENDING)
@@ -225,3 +251,92 @@ class AnalysisDispatcher:
         for analysis_id, series_id in stale:
             logger.warning("analysis %d claimed but never sent: back to PENDING", analysis_id)
             self._unclaim(analysis_id, series_id)
+
+    # --- messages the broker lost ----------------------------------------------------------
+    def _broker_restarted(self) -> bool:
+        """True once after the broker server restarted (its ``run_id`` changed)."""
+        if time.monotonic() - self._broker_checked < BROKER_CHECK_S:
+            return False
+        self._broker_checked = time.monotonic()
+        url = self._settings.broker_url
+        if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+            return False
+        try:
+            import redis
+
+            timeout = self._settings.broker_connect_timeout_s
+            client = redis.Redis.from_url(url, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout)
+            try:
+                identity = str(client.info("server")["run_id"])
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - down: dispatch() notices and backs off
+            logger.debug("broker identity unavailable: %s", exc)
+            return False
+        previous, self._broker_identity = self._broker_identity, identity
+        if previous is None or previous == identity:
+            return False
+        self.broker_restarts += 1
+        logger.warning("the broker restarted (run_id %s -> %s): re-sending what it may have "
+                       "lost", previous[:8], identity[:8])
+        return True
+
+    def _requeue_lost(self) -> None:
+        """Every QUEUED analysis back to PENDING: its message may be gone with the broker."""
+        now = self._clock()
+        with self._factory() as session, session.begin():
+            rows = session.execute(
+                select(Analysis.id, Analysis.series_id)
+                .where(Analysis.state == AnalysisState.QUEUED)).all()
+            for analysis_id, series_id in rows:
+                if affected_rows(session.execute(
+                        update(Analysis)
+                        .where(Analysis.id == analysis_id,
+                               Analysis.state == AnalysisState.QUEUED)
+                        .values(state=AnalysisState.PENDING, queued_at=None, task_id=None))):
+                    session.execute(update(Series)
+                                    .where(Series.id == series_id,
+                                           Series.state == SeriesState.QUEUED)
+                                    .values(state=SeriesState.COMPLETE, updated_at=now))
+            if rows:
+                record(session, "analysis.requeued",
+                       details={"reason": "broker restarted",
+                                "analysis_ids": [r[0] for r in rows][:200]})
+        if rows:
+            logger.warning("broker restarted: %d queued analyses enqueued again", len(rows))
+
+    def _resend_exports(self, *, all_unsent: bool) -> None:
+        """Enqueue the export of DONE analyses whose rows wait for a task that never came:
+        after a broker restart every PENDING or RETRYING row, otherwise PENDING rows of an
+        analysis finished more than ``STALE_EXPORT_S`` ago (each analysis at most once per
+        ``STALE_EXPORT_S``)."""
+        states = [ExportState.PENDING, ExportState.RETRYING] if all_unsent else \
+            [ExportState.PENDING]
+        query = (select(Analysis.id).join(Export, Export.analysis_id == Analysis.id)
+                 .where(Analysis.state == AnalysisState.DONE, Export.state.in_(states))
+                 .distinct())
+        if not all_unsent:
+            query = query.where(Analysis.finished_at
+                                < self._clock() - timedelta(seconds=STALE_EXPORT_S))
+        with self._factory() as session:
+            analysis_ids = list(session.execute(query.limit(100)).scalars())
+        now = time.monotonic()
+        for analysis_id in analysis_ids:
+            last = self._exports_sent_at.get(analysis_id)
+            if not all_unsent and last is not None and now - last < STALE_EXPORT_S:
+                continue
+            try:
+                from service.queue import enqueue_export
+
+                with self._lock:
+                    if self._app is None:
+                        self._app = self._app_factory()
+                    app = self._app
+                enqueue_export(app, analysis_id)
+            except Exception as exc:  # noqa: BLE001 - broker down: the next sweep retries
+                logger.warning("export of analysis %d not enqueued: %s", analysis_id, exc)
+                return
+            self._exports_sent_at[analysis_id] = now
+            logger.info("export of analysis %d enqueued again (%s)", analysis_id,
+                        "broker restarted" if all_unsent else "its task never came")
