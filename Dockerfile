@@ -53,6 +53,7 @@ RUN groupadd --system --gid 10001 triage \
 ENV TRIAGE_DATA_DIR=/data \
     TRIAGE_MODEL_DIR=/app/models/cspine-v1 \
     TRIAGE_WEB_HOST=0.0.0.0 \
+    TRIAGE_DICOM_HOST=0.0.0.0 \
     TRIAGE_EXECUTION_PROVIDERS=CPUExecutionProvider
 USER 10001:10001
 EXPOSE 8000 11112

@@ -59,9 +59,14 @@ def cmd_db_current(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.web.app import create_app
+    from service.web.app import InsecureConfiguration, create_app
 
-    uvicorn.run(create_app(settings), host=args.host or settings.web_host,
+    try:
+        app = create_app(settings)
+    except InsecureConfiguration as exc:
+        print(f"triage web: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host or settings.web_host,
                 port=args.port or settings.web_port, log_level=settings.log_level.lower())
     return 0
 
@@ -131,12 +136,14 @@ def cmd_audit_anchor(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Supervise every component; Ctrl-C (SIGINT) or SIGTERM stops them all, broker last."""
     from service.db import migrate
-    from service.embedded import EmbeddedRedis
+    from service.embedded import EmbeddedRedis, persistent_secret_key
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.db_url)
     embedded: EmbeddedRedis | None = None
     overrides: dict[str, str] = {"database_url": settings.db_url}
+    if settings.secret_key_is_placeholder and not settings.development_mode:
+        overrides["secret_key"] = persistent_secret_key(settings.data_dir / "secret-key")
     if not settings.broker_url:
         embedded = EmbeddedRedis(settings.data_dir / "redis")
         embedded.start()

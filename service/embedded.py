@@ -10,6 +10,8 @@ PATH is used.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,6 +23,29 @@ logger = logging.getLogger(__name__)
 
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+def persistent_secret_key(path: Path) -> str:
+    """The session key of an all-in-one install: random, made once, kept in ``path`` (0600).
+
+    ``triage serve`` uses it when no ``secret_key`` is configured, so ``make run`` works
+    without the public placeholder (which the web app refuses) and sessions survive a
+    restart. Several web replicas need one configured key instead: this file is one host's.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text().strip()
+        if not key:
+            raise EmbeddedRedisError(f"{path} is empty: remove it to make a new key") from None
+        return key
+    key = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    logger.info("made a session key in %s (set TRIAGE_SECRET_KEY to use your own)", path)
+    return key
 
 
 def find_redis_server() -> str:

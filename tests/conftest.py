@@ -34,6 +34,13 @@ points (a clone elsewhere, e.g. a CI workspace)."""
 REAL_CHEST_CT_DIR = SHARED_DATA / "real-ct-chest-neck" / "ct"
 """The real chest CT with the lower neck (another scanner; header quirks), not shipped."""
 
+TEST_SECRET_KEY = os.environ.setdefault("TRIAGE_SECRET_KEY",
+                                        f"test-only-secret-{uuid.uuid4().hex}")
+"""The web app refuses the public placeholder ``secret_key`` outside development mode, as in
+production; every Settings a test builds, and every service process a test starts (they
+inherit the environment), gets this random key instead. A test of the refusal passes the
+placeholder explicitly."""
+
 
 @pytest.fixture(scope="session")
 def postgres_server() -> str:

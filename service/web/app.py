@@ -23,7 +23,11 @@ from service.web.templating import STATIC_DIR, make_templates
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SECRET = "change-me-in-production"
+
+class InsecureConfiguration(RuntimeError):
+    """The web app will not start with a configuration anyone could exploit."""
+
+
 SECURITY_HEADERS = {
     # Everything the pages use is served from here: no CDN, no inline script.
     "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; "
@@ -37,10 +41,16 @@ SECURITY_HEADERS = {
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.secret_key_is_placeholder:
+        # The placeholder is in the public source: with it anyone can forge an admin session.
+        if not settings.development_mode:
+            raise InsecureConfiguration(
+                "TRIAGE_SECRET_KEY is the public placeholder: set it (e.g. `python -c 'import "
+                "secrets; print(secrets.token_urlsafe(32))'`), or TRIAGE_DEVELOPMENT_MODE=true "
+                "on a developer's machine")
+        logger.warning("TRIAGE_SECRET_KEY is the placeholder (development mode): anyone who "
+                       "knows it can forge sessions")
     engine = make_engine(settings.db_url)
-    if settings.secret_key.get_secret_value() == DEFAULT_SECRET:
-        logger.warning("TRIAGE_SECRET_KEY is the placeholder: anyone who knows it can forge "
-                       "sessions; set it in production")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -14,10 +14,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from harness.services import missing
 from service.audit import record, verify_chain
 from service.db import migrate
 from service.db.session import make_engine, make_session_factory, session_scope
-from tests.conftest import missing
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
 

@@ -80,13 +80,14 @@ def stack(tmp_path: Path, postgres_url: str, redis_url: str, settings_factory,  
         settings = settings_factory(database_url=postgres_url, broker_url=redis_url,
                                     model_dir=shipped_model_dir(), dicom_port=scp_port,
                                     completion_idle_after_release_s=1.0,
-                                    max_slice_thickness_mm=5.0, webhook_url=webhook[0])
+                                    max_slice_thickness_mm=5.0, webhook_url=webhook[0],
+                                    development_mode=True)  # a plain-http local webhook
         env = worker_env(settings, TRIAGE_DICOM_PORT=str(scp_port),
                          TRIAGE_DICOM_HOST="127.0.0.1",
                          TRIAGE_PACS_DESTINATIONS=destinations,
                          TRIAGE_COMPLETION_IDLE_AFTER_RELEASE_S="1",
                          TRIAGE_MAX_SLICE_THICKNESS_MM="5",
-                         TRIAGE_WEBHOOK_URL=webhook[0])
+                         TRIAGE_WEBHOOK_URL=webhook[0], TRIAGE_DEVELOPMENT_MODE="true")
         scp = ScpProcess(env, tmp_path, tmp_path / "scp.log").start()
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         try:

@@ -101,8 +101,11 @@ def test_notification_carries_the_flag_and_is_audited(migrated_url: str, setting
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    # A plain-http local receiver: allowed in development mode only (test_notify covers the
+    # https-only rule and the signature).
     settings = settings_factory(database_url=migrated_url, broker_url="redis://127.0.0.1:1/0",
-                                webhook_url=f"http://127.0.0.1:{server.server_port}/hook")
+                                webhook_url=f"http://127.0.0.1:{server.server_port}/hook",
+                                development_mode=True)
     engine = make_engine(migrated_url)
     factory = make_session_factory(engine)
     with factory() as session, session.begin():

@@ -87,6 +87,8 @@ def test_runtime_user_health_entrypoint(dockerfile: Path) -> None:
     env = " ".join(args_of(instructions, "ENV"))
     assert "TRIAGE_DATA_DIR=/data" in env
     assert "TRIAGE_WEB_HOST=0.0.0.0" in env
+    # The SCP listens on loopback by default; in a container the network is the boundary.
+    assert "TRIAGE_DICOM_HOST=0.0.0.0" in env
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
