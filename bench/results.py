@@ -1,9 +1,12 @@
 """SEG size and build time for a 300-slice series: our default against named peers.
 
-Default: BINARY + JPEG 2000 lossless. Peers, measured in the same run on the same label map:
-BINARY uncompressed (Explicit VR Little Endian, bit-packed), LABELMAP + JPEG 2000 and
-LABELMAP uncompressed. Also the SR build time. Synthetic inputs (ellipsoidal "vertebrae"
-with ragged edges on a 512 x 512 x 300 grid), not clinical data.
+Default (``TRIAGE_SEG_ENCODING=NATIVE``): BINARY with uncompressed, bit-packed frames (Explicit
+VR Little Endian). Named peer, measured in the same run on the same label map: the previous
+default, BINARY + JPEG 2000 lossless, built the way it was before issue 22 (highdicom's IOD
+lookup not memoized) and as it is now (memoized, ``TRIAGE_SEG_ENCODING=JPEG2000``); also
+LABELMAP + RLE (its NATIVE form), LABELMAP + JPEG 2000 and LABELMAP uncompressed, and the SR
+build time. Synthetic inputs (ellipsoidal "vertebrae" with ragged edges on a 512 x 512 x 300
+grid), not clinical data. The machine may be shared: trust the ratios more than the seconds.
 
     .venv/bin/python -m bench.results [--slices 300] [--size 512] [--repeat 3]
 """
@@ -14,13 +17,16 @@ import argparse
 import io
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from harness.data.results_inputs import make_ct_series, volume_from
 from service.config import SegFormat
 from service.findings import VERTEBRAE, Findings, VertebraFinding
+from service.results import hdcache
 from service.results.common import AlgorithmInfo
 from service.results.seg import build_segmentation
 from service.results.sr import build_report
@@ -50,6 +56,24 @@ def vertebra_label_map(n: int, rows: int, cols: int, seed: int = 0) -> np.ndarra
     return labels
 
 
+@contextmanager
+def unmemoized() -> Iterator[None]:
+    """highdicom's own IOD lookup for the duration (as before :mod:`service.results.hdcache`)."""
+    import importlib
+
+    home = importlib.import_module(hdcache._MODULES[0])
+    memo = home.is_attribute_in_iod
+    original = getattr(memo, "__wrapped__", memo)
+    modules = [importlib.import_module(name) for name in hdcache._MODULES]
+    for module in modules:
+        module.is_attribute_in_iod = original  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.is_attribute_in_iod = memo  # type: ignore[attr-defined]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -71,23 +95,31 @@ def main() -> None:
           f"{voxels} labelled voxels ({100 * voxels / label_map.size:.2f} %), "
           f"{int((label_map > 0).any(axis=(1, 2)).sum())} slices with a vertebra")
 
+    # Warm-up: highdicom reads the standard's tables once per process (a worker pays it once).
+    build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm)
     variants = [
-        ("BINARY + JPEG 2000 lossless (default)", SegFormat.BINARY, JPEG2000Lossless),
-        ("BINARY uncompressed (Explicit VR LE)", SegFormat.BINARY, ExplicitVRLittleEndian),
-        ("LABELMAP + JPEG 2000 lossless", SegFormat.LABELMAP, JPEG2000Lossless),
-        ("LABELMAP uncompressed (Explicit VR LE)", SegFormat.LABELMAP, ExplicitVRLittleEndian),
+        ("BINARY + JPEG 2000, unmemoized (before)", SegFormat.BINARY, JPEG2000Lossless, False),
+        ("BINARY uncompressed (NATIVE, default)", SegFormat.BINARY, ExplicitVRLittleEndian,
+         True),
+        ("BINARY + JPEG 2000 (JPEG2000 encoding)", SegFormat.BINARY, JPEG2000Lossless, True),
+        ("BINARY uncompressed, unmemoized", SegFormat.BINARY, ExplicitVRLittleEndian, False),
+        ("LABELMAP + RLE (NATIVE)", SegFormat.LABELMAP, RLELossless, True),
+        ("LABELMAP + JPEG 2000 lossless", SegFormat.LABELMAP, JPEG2000Lossless, True),
+        ("LABELMAP uncompressed (Explicit VR LE)", SegFormat.LABELMAP, ExplicitVRLittleEndian,
+         True),
     ]
     results: list[tuple[str, int, float, int]] = []
-    for name, seg_format, syntax in variants:
+    for name, seg_format, syntax, memoized in variants:
         times, size, frames = [], 0, 0
         for _ in range(args.repeat):
-            start = time.perf_counter()
-            seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm,
-                                     seg_format=seg_format, transfer_syntax_uid=syntax)
-            assert seg is not None
-            buffer = io.BytesIO()
-            seg.dataset.save_as(buffer)
-            times.append(time.perf_counter() - start)
+            with unmemoized() if not memoized else nullcontext():
+                start = time.perf_counter()
+                seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm,
+                                         seg_format=seg_format, transfer_syntax_uid=syntax)
+                assert seg is not None
+                buffer = io.BytesIO()
+                seg.dataset.save_as(buffer)
+                times.append(time.perf_counter() - start)
             size, frames = len(buffer.getvalue()), int(seg.dataset.NumberOfFrames)
         results.append((name, size, statistics.median(times), frames))
 
@@ -104,15 +136,25 @@ def main() -> None:
               f"build time {seconds / base_time:.2f}x")
 
     seg = build_segmentation(volume, findings, uid_root=ROOT, algorithm=algorithm)
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
-        sr = build_report(volume, findings, uid_root=ROOT, algorithm=algorithm, segmentation=seg)
-        buffer = io.BytesIO()
-        sr.save_as(buffer)
-        times.append(time.perf_counter() - start)
+    sr_times: dict[bool, float] = {}
+    for memoized in (False, True):
+        times = []
+        for _ in range(args.repeat):
+            with unmemoized() if not memoized else nullcontext():
+                start = time.perf_counter()
+                sr = build_report(volume, findings, uid_root=ROOT, algorithm=algorithm,
+                                  segmentation=seg)
+                buffer = io.BytesIO()
+                sr.save_as(buffer)
+                times.append(time.perf_counter() - start)
+        sr_times[memoized] = statistics.median(times)
     print(f"\nSR (TID 1500, 7 vertebra groups, {args.slices} evidence references): "
-          f"{len(buffer.getvalue())} bytes, built in {statistics.median(times):.2f} s")
+          f"{len(buffer.getvalue())} bytes, built in {sr_times[True]:.2f} s "
+          f"({sr_times[False]:.2f} s unmemoized)")
+    before = results[0][2] + sr_times[False]
+    after = results[1][2] + sr_times[True]
+    print(f"ratio SEG+SR now (NATIVE, memoized) / before (JPEG 2000, unmemoized): "
+          f"{after / before:.2f}x ({after:.2f} s vs {before:.2f} s)")
 
 
 if __name__ == "__main__":

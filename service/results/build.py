@@ -12,14 +12,13 @@ import logging
 from collections.abc import Iterable
 
 from pydicom import Dataset
-from pydicom.uid import JPEG2000Lossless
 
-from service.config import PacsDestination, SegFormat, Settings
+from service.config import PacsDestination, SegEncoding, SegFormat, Settings
 from service.findings import Findings
 from service.imaging.volume import Volume
 from service.results.common import AlgorithmInfo
 from service.results.keyimage import build_key_image
-from service.results.seg import build_segmentation, seg_kind
+from service.results.seg import build_segmentation, seg_kind, transfer_syntax_for
 from service.results.sr import build_report, sr_kind
 from service.results.store import ResultStore, StoredObject
 from service.results.uids import ObjectKind
@@ -53,7 +52,7 @@ def build_results(
     algorithm: AlgorithmInfo | None = None,
     seg_formats: Iterable[SegFormat] = (SegFormat.BINARY,),
     secondary_capture: bool = False,
-    seg_transfer_syntax_uid: str = JPEG2000Lossless,
+    seg_encoding: SegEncoding = SegEncoding.NATIVE,
 ) -> dict[ObjectKind, Dataset]:
     """Build the objects in memory (highdicom datasets), keyed by kind."""
     algorithm = algorithm or AlgorithmInfo(name=findings.model_name, version=findings.model_version)
@@ -61,7 +60,7 @@ def build_results(
     for seg_format in seg_formats:
         segmentation = build_segmentation(
             volume, findings, uid_root=uid_root, algorithm=algorithm, seg_format=seg_format,
-            transfer_syntax_uid=seg_transfer_syntax_uid)
+            transfer_syntax_uid=transfer_syntax_for(seg_format, seg_encoding))
         if segmentation is not None:
             objects[segmentation.kind] = segmentation.dataset
         objects[sr_kind(seg_format)] = build_report(
@@ -86,7 +85,8 @@ def build_and_store(
     store = store or ResultStore.from_settings(settings)
     objects = build_results(
         volume, findings, uid_root=settings.uid_root, algorithm=algorithm,
-        seg_formats=seg_formats_needed(settings), secondary_capture=settings.secondary_capture)
+        seg_formats=seg_formats_needed(settings), secondary_capture=settings.secondary_capture,
+        seg_encoding=settings.seg_encoding)
     return {
         kind: store.write(dataset, kind=kind, source_series_uid=findings.series_instance_uid,
                           model_version=findings.model_version)

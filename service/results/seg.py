@@ -1,8 +1,13 @@
 """DICOM Segmentation of the cervical vertebrae (C1..C7), built with highdicom.
 
-Default: BINARY with JPEG 2000 lossless frames, the form most PACS store and display.
+Default: BINARY, the form most PACS store and display, with uncompressed (bit-packed) frames.
 LABELMAP (Label Map Segmentation Storage, a 2023 SOP class few PACS accept yet) is chosen per
-destination (``PacsDestination.seg_format``).
+destination (``PacsDestination.seg_format``). Frame encoding (:func:`transfer_syntax_for`,
+``TRIAGE_SEG_ENCODING``): NATIVE = BINARY uncompressed, LABELMAP RLE Lossless; JPEG2000 =
+both JPEG 2000 lossless. Measured with ``python -m bench.results`` (300 slices of 512x512):
+JPEG 2000 encoding was two thirds of a BINARY build; highdicom's per-source-image IOD lookups
+most of the rest (memoized by :mod:`service.results.hdcache`). highdicom accepts only
+uncompressed or JPEG 2000 for BINARY (RLE and JPEG-LS only for LABELMAP/FRACTIONAL).
 
 Segment numbers are consecutive from 1 over the vertebrae that the label map actually
 contains, in C1..C7 order (a vertebra outside the field of view gets no segment); the
@@ -19,17 +24,18 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from pydicom.uid import UID, JPEG2000Lossless
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from service.config import SegFormat
+from service.config import SegEncoding, SegFormat
 from service.findings import VERTEBRAE, Findings
 from service.imaging.volume import Volume
 from service.outcomes import AnalysisResult
-from service.results import codes, uids
+from service.results import codes, hdcache, uids
 from service.results.common import AlgorithmInfo, ResultBuildError, source_images
 from service.results.uids import ObjectKind
 
 logger = logging.getLogger(__name__)
+hdcache.install()
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "AI cervical vertebrae (research, not for diagnosis)"
@@ -52,6 +58,13 @@ _VERTEBRA_RGB: dict[str, tuple[int, int, int]] = {
     "C6": (213, 94, 0),
     "C7": (204, 121, 167),
 }
+
+
+def transfer_syntax_for(seg_format: SegFormat, encoding: SegEncoding) -> UID:
+    """The SEG's transfer syntax: see the module docstring and :class:`SegEncoding`."""
+    if encoding is SegEncoding.JPEG2000:
+        return JPEG2000Lossless
+    return RLELossless if seg_format is SegFormat.LABELMAP else ExplicitVRLittleEndian
 
 
 def seg_kind(seg_format: SegFormat) -> ObjectKind:
@@ -83,10 +96,11 @@ def build_segmentation(
     uid_root: str,
     algorithm: AlgorithmInfo,
     seg_format: SegFormat = SegFormat.BINARY,
-    transfer_syntax_uid: str = JPEG2000Lossless,
+    transfer_syntax_uid: str | None = None,
 ) -> SegmentationResult | None:
     """Build the SEG from ``findings.label_map`` (uint8 (z, y, x), 0 background, i = C<i>).
 
+    ``transfer_syntax_uid`` defaults to the NATIVE encoding of ``seg_format``.
     Returns ``None`` when the label map is absent or holds no vertebra: there is nothing to
     segment, and the SR then reports without a segment reference.
     Raises :class:`ResultBuildError` when the label map does not match the volume.
@@ -100,7 +114,11 @@ def build_segmentation(
     if label_map.dtype != np.uint8:
         label_map = label_map.astype(np.uint8)
 
-    present = sorted(int(v) for v in np.unique(label_map) if 1 <= v <= len(VERTEBRAE))
+    if transfer_syntax_uid is None:
+        transfer_syntax_uid = transfer_syntax_for(seg_format, SegEncoding.NATIVE)
+    # A histogram, not np.unique: one pass, no sort of 78 M voxels.
+    counts = np.bincount(label_map.ravel(), minlength=256)
+    present = [v for v in range(1, len(VERTEBRAE) + 1) if counts[v]]
     if not present:
         logger.info("series %s: label map holds no vertebra, no SEG", findings.series_instance_uid)
         return None

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from harness.peers.dicom import storescp
 from harness.process import free_port
-from service.config import PacsDestination, SegFormat
+from service.config import PacsDestination, SegEncoding, SegFormat
 from service.db.tables import Analysis, ExportState
 from service.dicom.scu import ExportError, export_analysis, send_files
 from service.results.uids import ObjectKind
@@ -26,7 +26,7 @@ def test_sr_and_seg_reach_storescp_with_explicit_fallback(tmp_path: Path, migrat
     """storescp accepts only uncompressed syntaxes: the JPEG 2000 SEG is transcoded."""
     with storescp(tmp_path / "scp") as scp:
         settings = settings_factory(
-            database_url=migrated_url,
+            database_url=migrated_url, seg_encoding=SegEncoding.JPEG2000,
             pacs_destinations=[PacsDestination(name="dcmtk", ae_title=scp.ae_title,
                                                host="127.0.0.1", port=scp.port)],
             export_retry_backoff_s=0)

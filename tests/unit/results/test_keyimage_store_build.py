@@ -83,7 +83,9 @@ def test_build_and_store_follows_destinations(tmp_path: Path) -> None:
         assert obj.path.is_file() and obj.path.is_relative_to(settings.results_path)
         assert obj.study_instance_uid == case.volume.study_instance_uid
         assert obj.kind is kind
-    assert stored[ObjectKind.SEG].transfer_syntax_uid == "1.2.840.10008.1.2.4.90"
+    # NATIVE encoding (the default): BINARY uncompressed, LABELMAP RLE Lossless.
+    assert stored[ObjectKind.SEG].transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    assert stored[ObjectKind.SEG_LABELMAP].transfer_syntax_uid == "1.2.840.10008.1.2.5"
     # Same input, same UIDs: a rebuild rewrites the same objects.
     again = build_and_store(case.volume, case.findings, settings)
     assert {k: o.sop_instance_uid for k, o in again.items()} == \

@@ -7,7 +7,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from harness.data.results_inputs import SyntheticCase, make_case
 from service.config import SegFormat
@@ -46,7 +46,7 @@ def _expected_segments(case: SyntheticCase) -> np.ndarray:
 @pytest.mark.parametrize(
     ("seg_format", "transfer_syntax"),
     [(SegFormat.BINARY, JPEG2000Lossless), (SegFormat.BINARY, ExplicitVRLittleEndian),
-     (SegFormat.LABELMAP, JPEG2000Lossless)],
+     (SegFormat.LABELMAP, JPEG2000Lossless), (SegFormat.LABELMAP, RLELossless)],
 )
 def test_seg_round_trips(case: SyntheticCase, seg_format: SegFormat, transfer_syntax: str) -> None:
     result = build_segmentation(case.volume, case.findings, uid_root=ROOT, algorithm=ALGORITHM,
@@ -226,3 +226,40 @@ def test_an_inconclusive_seg_says_its_levels_are_not_plausible(case: SyntheticCa
     assert seg.SeriesDescription == "AI vertebrae NOT PLAUSIBLE: review only (research)"
     labels = {d.segment_label for d in seg.SegmentSequence}
     assert "C3 vertebra (not plausible)" in labels and "C2 vertebra" in labels
+
+
+def test_native_encoding_is_the_default() -> None:
+    """NATIVE: BINARY uncompressed (every SCP accepts it), LABELMAP RLE; JPEG2000 on request."""
+    from service.config import SegEncoding, Settings
+    from service.results.seg import transfer_syntax_for
+
+    assert Settings().seg_encoding is SegEncoding.NATIVE
+    assert transfer_syntax_for(SegFormat.BINARY, SegEncoding.NATIVE) == ExplicitVRLittleEndian
+    assert transfer_syntax_for(SegFormat.LABELMAP, SegEncoding.NATIVE) == RLELossless
+    for seg_format in SegFormat:
+        assert transfer_syntax_for(seg_format, SegEncoding.JPEG2000) == JPEG2000Lossless
+    case = make_case(12, 32, 32)
+    result = build_segmentation(case.volume, case.findings, uid_root=ROOT, algorithm=ALGORITHM)
+    assert result is not None
+    assert result.dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_memoized_iod_lookup_answers_as_highdicom() -> None:
+    import highdicom._standard_utils as standard
+    from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SegmentationStorage
+
+    from service.results import hdcache
+
+    assert hdcache.install() and hdcache.install()  # idempotent
+    memo = standard.is_attribute_in_iod
+    original = memo.__wrapped__  # type: ignore[attr-defined]
+    import highdicom.base
+    import highdicom.sr.content
+
+    assert highdicom.base.is_attribute_in_iod is memo
+    assert highdicom.sr.content.is_attribute_in_iod is memo
+    for sop_class in (CTImageStorage, EnhancedCTImageStorage, SegmentationStorage):
+        for attribute in ("PerFrameFunctionalGroupsSequence", "ContentDate", "PixelData"):
+            for exclude in (None, ["IconImageSequence"]):
+                assert memo(attribute, sop_class, exclude) == original(attribute, sop_class,
+                                                                       exclude)
