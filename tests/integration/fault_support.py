@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +54,7 @@ from service.db.tables import (
     Study,
 )
 from service.synthetic import PhantomOptions, generate_phantom, write_series
-from tests.conftest import free_port
+from tests.conftest import free_port, missing
 from tests.integration.worker_support import SHIPPED_MODEL, WorkerProcess
 from tests.peers.dicom import ScpProcess, wait_until
 from tests.peers.orthanc import Orthanc
@@ -425,3 +427,22 @@ def write_row(row: Row, verdict: Verdict | None = None) -> Row:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path`` (a disk that really fills: ENOSPC from the kernel);
+    :func:`grow` frees it, as an administrator or a cleanup job would."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        missing(f"cannot mount a tmpfs (needs root / CAP_SYS_ADMIN): {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
