@@ -42,6 +42,7 @@ from service.db.tables import (
     AuditEvent,
     Export,
     ExportState,
+    Instance,
     Series,
     SeriesState,
     Study,
@@ -185,12 +186,11 @@ def _filesystem(path: Path) -> tuple[int | None, int | None]:
 
 
 def disk_use(session: Session, settings: Settings) -> list[DiskUse]:
-    """Spool (from the instance rows: walking a spool of millions of files per page view
-    would cost more than the page) and result store (walked, bounded), each with its
-    filesystem's size and free space."""
+    """Spool (from the instance rows, each with its file's size: walking a spool of millions
+    of files per page view would cost more than the page) and result store (walked, bounded),
+    each with its filesystem's size and free space."""
     spool_bytes, spool_files = session.execute(
-        select(func.coalesce(func.sum(Series.bytes_received), 0),
-               func.coalesce(func.sum(Series.instance_count), 0))).one()
+        select(func.coalesce(func.sum(Instance.size_bytes), 0), func.count(Instance.id))).one()
     out = []
     fs_total, fs_free = _filesystem(settings.spool_path)
     out.append(DiskUse("spool", str(settings.spool_path), int(spool_bytes), int(spool_files),
