@@ -141,8 +141,10 @@ def time_series(points: Sequence[tuple[datetime, float, str]], *, band_s: tuple[
         return chart
     first = min(p[0] for p in points).timestamp()
     last = max(p[0] for p in points).timestamp()
-    span = max(last - first, 60.0)
-    pad = span * 0.03
+    if last - first < 60.0:  # a burst acquired together: a minute around it, not a point
+        middle = (first + last) / 2
+        first, last = middle - 30.0, middle + 30.0
+    pad = (last - first) * 0.03
     lo, hi = first - pad, last + pad
 
     def x(moment: float) -> float:
@@ -152,7 +154,8 @@ def time_series(points: Sequence[tuple[datetime, float, str]], *, band_s: tuple[
         chart.points.append(Point(x(start.timestamp()), y(seconds), label,
                                   late=seconds > target_s))
     tick = nice_step(hi - lo, 6)
-    fmt = "%H:%M" if hi - lo <= 86400 else "%m-%d %H:%M" if hi - lo <= 7 * 86400 else "%Y-%m-%d"
+    fmt = ("%H:%M:%S" if hi - lo <= 600 else "%H:%M" if hi - lo <= 86400
+           else "%m-%d %H:%M" if hi - lo <= 7 * 86400 else "%Y-%m-%d")
     first_tick = math.ceil(lo / tick) * tick
     chart.x_ticks = [Tick(x(t), datetime.fromtimestamp(t, UTC).strftime(fmt))
                      for t in _range(first_tick, hi, tick)]

@@ -209,7 +209,9 @@ def test_admin_sees_the_turnaround_of_a_demo_burst(  # type: ignore[no-untyped-d
 
             # A radiologist's verdict (an admin may give one) shows on the monitoring page.
             with factory() as session:
-                uid = load_study_times(session)[0].study_instance_uid
+                rows = load_study_times(session)
+            flagged = [t for t in rows if t.priority == "STAT"]
+            uid = (flagged or rows)[0].study_instance_uid
             page.goto(f"{web}/studies/{uid}")
             page.check("form.fb-study input[value=AGREE]")
             page.click("form.fb-study button[type=submit]")
@@ -220,7 +222,10 @@ def test_admin_sees_the_turnaround_of_a_demo_burst(  # type: ignore[no-untyped-d
             row = page.locator(f"#rates tr[data-model='{version}']")
             assert row.count() == 1
             assert row.locator("td:nth-child(3)").inner_text() == str(STUDIES)
-            assert page.locator(f"#agreement tr[data-model='{version}']").count() == 1
+            agreement = page.locator(f"#agreement tr[data-model='{version}']")
+            assert agreement.count() == 1
+            if flagged:  # the verdict was on a positive: one agreed of one, PPV 100 %
+                assert agreement.locator("td.ppv").inner_text() == "100 %"
             _shot(page, tmp_path, "monitoring")
         finally:
             browser.close()
