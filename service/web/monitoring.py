@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.tables import (
@@ -234,11 +234,14 @@ def load(session: Session, date_from: date | None = None, date_to: date | None =
     with the feedback given on those analyses."""
     start, end = _window(date_from, date_to)
     outcomes: list[Outcome] = []
-    analyses = session.execute(select(Analysis).where(Analysis.state.in_(
-        (AnalysisState.DONE, AnalysisState.NOT_ANALYZABLE, AnalysisState.FAILED)))).scalars()
-    analysed_series: set[int] = set()
-    for a in analyses:
-        analysed_series.add(a.series_id)
+    answered = func.coalesce(Analysis.inferred_at, Analysis.finished_at, Analysis.created_at)
+    query = select(Analysis).where(Analysis.state.in_(
+        (AnalysisState.DONE, AnalysisState.NOT_ANALYZABLE, AnalysisState.FAILED)))
+    if start is not None:
+        query = query.where(answered >= start)
+    if end is not None:
+        query = query.where(answered < end)
+    for a in session.execute(query).scalars():
         at = a.inferred_at or a.finished_at or a.created_at
         if not _inside(at, start, end):
             continue
@@ -254,6 +257,7 @@ def load(session: Session, date_from: date | None = None, date_to: date | None =
             suspected[analysis_id].add(vertebra)
     outcomes = [Outcome(o.key, o.model_version, o.at, o.state, o.result, o.reason,
                         frozenset(suspected.get(o.key, ()))) for o in outcomes]
+    analysed_series = set(session.execute(select(Analysis.series_id).distinct()).scalars())
     outcomes.extend(_rules_refusals(session, analysed_series, start, end))
     verdicts: list[Verdict] = []
     for chunk in _chunks([o.key for o in outcomes if o.key > 0]):

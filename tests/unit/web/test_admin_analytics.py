@@ -265,6 +265,11 @@ def test_monitoring_rates_and_agreement(db: Any) -> None:
         ])
         session.commit()
         outcomes, verdicts = monitoring.load(session)
+        # The day range bounds the answers in the database query (both dialects).
+        same_day, _ = monitoring.load(session, TODAY, TODAY)
+        assert len(same_day) == len(outcomes) == 6
+        assert monitoring.load(session, TODAY + timedelta(days=1)) == ([], [])
+        assert monitoring.load(session, None, TODAY - timedelta(days=1)) == ([], [])
     report = monitoring.summarize(outcomes, verdicts, monitoring.Period.DAY)
     rows = {r.model_version: r for r in report.rows}
     current = rows["1.5.0"]
