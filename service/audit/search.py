@@ -1,8 +1,9 @@
 """Reading the audit trail: search, filter, page, export, and the chain's state for display.
 
 Read-only: nothing here writes an event (the caller audits its own read of the trail). The
-hash chain itself is checked by :func:`service.audit.trail.verify_chain`; this module only
-adds what a page needs around it (the broken event and its predecessor).
+hash chain and its anchors are checked by :func:`service.audit.trail.verify_chain`; this module
+only adds what a page needs around it (the broken event and its predecessor, an anchor file
+that cannot be read).
 
 Who viewed a patient: a study page read is an event with the study's UID in
 ``study_instance_uid``, but a worklist read lists the studies it showed in
@@ -20,12 +21,19 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, cast, func, or_, select
 from sqlalchemy.orm import Session
 
-from service.audit.trail import ChainReport, verify_chain
+from service.audit.trail import (
+    Anchor,
+    AuditError,
+    ChainReport,
+    read_anchors,
+    verify_chain,
+)
 from service.db.tables import AuditEvent, Study
 
 logger = logging.getLogger(__name__)
@@ -169,26 +177,42 @@ def event_types(session: Session) -> list[str]:
 
 @dataclass(frozen=True)
 class ChainStatus:
-    """The chain's verification, with what a page shows about its first broken link."""
+    """The chain's verification, with what a page shows about what broke."""
 
     report: ChainReport
     broken: AuditEvent | None
     """The first event whose link or content does not verify."""
     previous: AuditEvent | None
     """The event before it (the last one that verified), if any."""
+    anchor_file: str | None = None
+    anchor_error: str | None = None
+    """The anchor file could not be used (unreadable line, anchors that disagree): the chain
+    was verified without anchors, and the page says so."""
 
     @property
     def intact(self) -> bool:
-        return self.report.intact
+        return self.report.intact and self.anchor_error is None
 
     def summary(self) -> dict[str, Any]:
-        return {"events_checked": self.report.events, "intact": self.intact,
-                "first_broken_id": self.report.first_broken_id}
+        return {**self.report.as_dict(), "anchor_error": self.anchor_error}
 
 
-def chain_status(session: Session) -> ChainStatus:
-    """Verify the whole chain now (it walks every event: cost grows with the trail)."""
-    report = verify_chain(session)
+def chain_status(session: Session, anchor_path: Path | None = None) -> ChainStatus:
+    """Verify the whole chain now, against the anchors in ``anchor_path`` when it is given
+    (the same check as ``triage audit verify``); it walks every event, so its cost grows with
+    the trail."""
+    anchors: list[Anchor] = []
+    anchor_error = None
+    report: ChainReport | None = None
+    if anchor_path is not None:
+        try:
+            anchors = read_anchors(anchor_path)
+            report = verify_chain(session, anchors)
+        except (AuditError, OSError) as exc:
+            anchor_error = str(exc)[:300]
+            logger.error("audit anchors not usable: %s", anchor_error)
+    if report is None:
+        report = verify_chain(session)
     broken = previous = None
     if report.first_broken_id is not None:
         broken = session.get(AuditEvent, report.first_broken_id)
@@ -196,4 +220,8 @@ def chain_status(session: Session) -> ChainStatus:
             select(AuditEvent).where(AuditEvent.id < report.first_broken_id)
             .order_by(AuditEvent.id.desc()).limit(1)).scalar_one_or_none()
         logger.error("audit chain broken at event %d", report.first_broken_id)
-    return ChainStatus(report=report, broken=broken, previous=previous)
+    if report.anchor_mismatch is not None:
+        logger.error("audit anchor at event %d not reproduced", report.anchor_mismatch.event_id)
+    return ChainStatus(report=report, broken=broken, previous=previous,
+                       anchor_file=str(anchor_path) if anchor_path is not None else None,
+                       anchor_error=anchor_error)

@@ -125,10 +125,11 @@ def _filters_dict(raw: dict[str, str | None]) -> dict[str, str]:
     return {k: v.strip() for k, v in raw.items() if v and v.strip()}
 
 
-def _audit_page_data(session: Session, actor: Actor, ip: str | None, query: AuditQuery,
-                     filters: dict[str, str], offset: int) -> dict[str, Any]:
+def _audit_page_data(session: Session, settings: Settings, actor: Actor, ip: str | None,
+                     query: AuditQuery, filters: dict[str, str],
+                     offset: int) -> dict[str, Any]:
     page = search(session, query, limit=PAGE_SIZE, offset=offset)
-    chain = chain_status(session)
+    chain = chain_status(session, settings.audit_anchor_path)
     types = event_types(session)
     shown = [e.study_instance_uid for e in page.events if e.study_instance_uid]
     record(session, "audit.view", actor=actor.username, source_ip=ip,
@@ -140,8 +141,8 @@ def _audit_page_data(session: Session, actor: Actor, ip: str | None, query: Audi
 
 
 @router.get("/admin/audit", response_class=HTMLResponse)
-async def audit_page(request: Request, session: SessionDep, codec: CodecDep,
-                     actor: AdminPage, user: Text = None, event_type: Text = None,
+async def audit_page(request: Request, session: SessionDep, settings: SettingsDep,
+                     codec: CodecDep, actor: AdminPage, user: Text = None, event_type: Text = None,
                      subject: Text = None, outcome: Text = None, since: Text = None,
                      until: Text = None,
                      offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> Response:
@@ -149,8 +150,8 @@ async def audit_page(request: Request, session: SessionDep, codec: CodecDep,
            "since": since, "until": until}
     query = _audit_query(user, event_type, subject, outcome, since, until)
     filters = _filters_dict(raw)
-    data = await run_in_threadpool(_audit_page_data, session, actor, client_ip(request), query,
-                                   filters, offset)
+    data = await run_in_threadpool(_audit_page_data, session, settings, actor,
+                                   client_ip(request), query, filters, offset)
     base = urlencode(filters)
     return _page(request, "admin_audit.html", actor, codec, filters=filters, query_string=base,
                  offset=offset, page_size=PAGE_SIZE, **data)

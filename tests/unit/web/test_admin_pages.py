@@ -354,3 +354,34 @@ def test_resend_requeues_the_export_and_is_audited(
     resends = _events(factory, "export.resend")
     assert len(resends) == 1 and resends[0].actor == "adm"
     assert resends[0].details is not None and resends[0].details["previous_state"] == "FAILED"
+
+
+def test_chain_status_checks_the_anchors_like_the_cli(
+        seeded: str, settings_factory: Any, factory: sessionmaker[Session]) -> None:
+    from service.audit import write_anchor
+
+    settings = settings_factory(database_url=seeded)
+    anchors = settings.audit_anchor_path
+    with factory() as session:
+        record(session, "dicom.store", actor="CT_SCANNER_1")
+        session.commit()
+        good = write_anchor(session, anchors)
+    assert good is not None
+    app = create_app(settings)
+    with TestClient(app) as client:
+        login(client, seeded, "adm", Role.ADMIN)
+        intact = client.get("/admin/audit").text
+        assert "Chain intact" in intact and "the 1 anchored chain heads" in intact
+        # An anchor the stored chain does not reproduce: what a rewritten (and re-chained)
+        # history looks like, without needing the rights to rewrite one here.
+        with anchors.open("a") as handle:
+            handle.write(json.dumps({"event_id": good.event_id + 1, "hash": "0" * 64,
+                                     "anchored_at": "2026-12-03T12:00:00+00:00"}) + "\n")
+        rewritten = client.get("/admin/audit").text
+        mismatch = rewritten.split('data-testid="anchor-mismatch"', 1)[1].split("</p>", 1)[0]
+        assert f"anchor of event {good.event_id + 1} is not reproduced" in mismatch
+        assert f"still matches is {good.event_id}" in mismatch
+        assert "Chain broken at event" not in rewritten  # the links themselves verify
+        anchors.write_text("not an anchor\n")
+        unusable = client.get("/admin/audit").text
+        assert "Anchor file not usable" in unusable and "not an anchor line" in unusable
