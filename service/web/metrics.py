@@ -147,8 +147,8 @@ class TriageCollector(Collector):
         series = GaugeMetricFamily("cspine_series", "Series by state", labels=["state"])
         counts = dict(session.execute(select(Series.state, func.count())
                                       .group_by(Series.state)).all())
-        for state in SeriesState:
-            series.add_metric([state.value], counts.get(state, 0))
+        for series_state in SeriesState:
+            series.add_metric([series_state.value], counts.get(series_state, 0))
         yield series
 
         analyses = GaugeMetricFamily(
