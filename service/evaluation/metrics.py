@@ -14,12 +14,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from service.findings import VERTEBRAE
+
 logger = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 """Standard normal quantile for a two-sided 95 % interval."""
 
-RSNA_LABELS: tuple[str, ...] = ("patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7")
+RSNA_LABELS: tuple[str, ...] = ("patient_overall", *VERTEBRAE)
 """Column order of the RSNA 2022 metric (patient first, then the vertebrae)."""
 RSNA_BASE_WEIGHTS = np.array([7.0, 1, 1, 1, 1, 1, 1, 1])
 """Weights of a negative label; a positive label weighs twice as much ([14, 2, ..., 2])."""

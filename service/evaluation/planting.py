@@ -66,6 +66,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from service.findings import VERTEBRAE
+
 logger = logging.getLogger(__name__)
 
 BONE_HU = 150.0
@@ -86,7 +88,8 @@ UID_NAMESPACE = uuid.UUID("5d0b8a52-64b0-5a0e-9a43-6f0c3a1d7e21")
 """uuid5 namespace of the planted UIDs (2.25.<uuid as integer>)."""
 PLANTABLE_LEVELS: tuple[str, ...] = ("C2", "C3", "C4", "C5", "C6", "C7")
 """C1 has no body and no processes of this kind: not planted."""
-VERTEBRA_COLUMNS: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+VERTEBRA_COLUMNS: tuple[str, ...] = VERTEBRAE
+"""RSNA 2022's per-vertebra columns are named as our levels."""
 TRAIN_COLUMNS = ["StudyInstanceUID", "patient_overall", *VERTEBRA_COLUMNS]
 BOX_COLUMNS = ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
 PLANTED_CSV = "planted_fractures.csv"

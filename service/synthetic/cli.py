@@ -18,13 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.findings import VERTEBRAE
+
 if TYPE_CHECKING:
     from service.config import Settings
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["StudyInstanceUID", "seed", "patient_overall", "C1", "C2", "C3", "C4",
-                    "C5", "C6", "C7", "fractures", "mimics", "series_dirs", "seconds"]
+MANIFEST_COLUMNS = ["StudyInstanceUID", "seed", "patient_overall", *VERTEBRAE, "fractures",
+                    "mimics", "series_dirs", "seconds"]
 
 
 def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:

@@ -19,8 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-VERTEBRA_NAMES: tuple[str, ...] = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-"""Cervical levels; label value ``i + 1`` is ``VERTEBRA_NAMES[i]``."""
+from service.findings import VERTEBRAE
+
+VERTEBRA_NAMES: tuple[str, ...] = VERTEBRAE
+"""Cervical levels (:data:`service.findings.VERTEBRAE`); label value ``i + 1`` is
+``VERTEBRA_NAMES[i]``."""
 THORACIC_NAMES: tuple[str, ...] = ("T1", "T2", "T3")
 """Thoracic levels that may be partly in view; label value ``8 + i``."""
 LABEL_OF: dict[str, int] = {name: i + 1 for i, name in enumerate(VERTEBRA_NAMES + THORACIC_NAMES)}

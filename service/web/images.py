@@ -26,12 +26,12 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db.tables import Analysis, AnalysisState, Finding, Instance, Series
+from service.findings import VERTEBRAE
 from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 
 logger = logging.getLogger(__name__)
 
-VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 BONE_WINDOW = (400.0, 1800.0)
 """(level, width) in HU."""
 DISPLAY_WIDTH = 420

@@ -22,8 +22,6 @@ from service.db.tables import (
 from service.web.schemas import LevelResult, PlausibilityFailure, SeriesSummary
 from service.web.worklist_schemas import ReadingState
 
-VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
-
 
 class AnalysisView(BaseModel):
     id: int

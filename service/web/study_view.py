@@ -18,6 +18,7 @@ from service.audit import record
 from service.config import Settings
 from service.db.tables import Analysis, AnalysisState, Export, Feedback, Series, Study, StudyReview
 from service.db.types import utcnow
+from service.findings import VERTEBRAE
 from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from service.web.auth import Actor
@@ -25,7 +26,6 @@ from service.web.images import views_for
 from service.web.schemas import LevelResult, SeriesSummary
 from service.web.series_fields import failed_rules, series_fields
 from service.web.study_schemas import (
-    VERTEBRAE,
     AnalysisView,
     ExportView,
     FeedbackIn,

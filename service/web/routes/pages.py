@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from service.db.tables import FeedbackVerdict, Priority
+from service.findings import VERTEBRAE
 from service.web import auth
 from service.web.auth import Actor
 from service.web.deps import (
@@ -32,7 +33,7 @@ from service.web.deps import (
 )
 from service.web.images import ImagesUnavailable, image_path
 from service.web.routes.worklist import audit_worklist_read, worklist_page
-from service.web.study_schemas import VERTEBRAE, FeedbackIn
+from service.web.study_schemas import FeedbackIn
 from service.web.study_view import (
     BadFeedback,
     UnknownStudy,
