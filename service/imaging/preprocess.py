@@ -127,6 +127,7 @@ def resample_to_spacing(
     *,
     order: int = 1,
     output_shape: Sequence[int] | None = None,
+    antialias: bool = False,
 ) -> np.ndarray:
     """Resample an image (any number of axes, usually (z, y, x)) to ``target_spacing``.
 
@@ -136,6 +137,12 @@ def resample_to_spacing(
     :func:`resampled_shape`; voxels past the input's last centre repeat the edge value.
     Cubic resampling prefilters in float32 (not scipy's float64) to keep memory at about
     the size of the input.
+
+    ``antialias``: along every axis that shrinks, each output voxel is the mean of the input
+    over the output voxel's own width (:func:`area_downsample`) instead of a point sample.
+    Point sampling a 0.3 mm reconstruction onto a 2.5 mm grid keeps one voxel in eight along
+    each in-plane axis: its noise and thin cortex reach the network unaveraged, so the same
+    neck looks different at matrix 512 than at 256 (see the manifest's ``seg_antialias``).
     """
     _check_lengths(array.shape, spacing, target_spacing)
     if not 0 <= order <= 5:
@@ -143,6 +150,12 @@ def resample_to_spacing(
     shape = tuple(output_shape) if output_shape is not None else resampled_shape(
         array.shape, spacing, target_spacing)
     scale = np.array([t / s for s, t in zip(spacing, target_spacing, strict=True)])
+    if antialias and order > 0 and (scale > 1.0 + 1e-6).any():
+        array = array.astype(np.float32, copy=False)
+        # Largest reduction first: every later pass runs on a smaller array.
+        for axis in sorted(np.flatnonzero(scale > 1.0 + 1e-6), key=lambda a: -scale[a]):
+            array = area_downsample(array, int(axis), float(scale[axis]), shape[axis])
+            scale[axis] = 1.0
     if np.allclose(scale, 1.0) and shape == array.shape:
         return array.astype(np.float32) if order > 0 else array.copy()
     source = array
@@ -153,6 +166,35 @@ def resample_to_spacing(
         source, scale, offset=0.0, output_shape=shape, order=order, mode="nearest",
         prefilter=False, output=output_dtype,
     )
+
+
+def area_downsample(array: np.ndarray, axis: int, scale: float, size: int) -> np.ndarray:
+    """Mean of ``array`` over each output voxel's width along ``axis`` (float32).
+
+    Output voxel ``j`` is centred on input coordinate ``j * scale`` (the grid of
+    :func:`resample_to_spacing`) and averages the input, read as constant over each voxel,
+    on ``[j * scale - scale / 2, j * scale + scale / 2]`` clipped to the image. One running
+    sum along the axis, then two lookups per output voxel: the cost of one pass over the
+    input, where a Gaussian prefilter of the same width costs a dozen.
+    """
+    moved = np.moveaxis(np.asarray(array, dtype=np.float32), axis, -1)
+    n = moved.shape[-1]
+    cumulative = np.zeros(moved.shape[:-1] + (n + 1,), dtype=np.float32)
+    np.cumsum(moved, axis=-1, out=cumulative[..., 1:])
+    centres = np.arange(size, dtype=np.float64) * scale
+    low = np.clip(centres - scale / 2.0, -0.5, n - 0.5) + 0.5
+    high = np.clip(centres + scale / 2.0, -0.5, n - 0.5) + 0.5
+    high = np.maximum(high, low + 1e-6)
+
+    def integral(position: np.ndarray) -> np.ndarray:
+        # Integral of the piecewise-constant signal from the first voxel's edge to position.
+        index = np.minimum(np.floor(position).astype(np.intp), n - 1)
+        frac = (position - index).astype(np.float32)
+        below = cumulative[..., index]
+        return below + frac * (cumulative[..., index + 1] - below)
+
+    out = (integral(high) - integral(low)) / (high - low).astype(np.float32)
+    return np.ascontiguousarray(np.moveaxis(out.astype(np.float32, copy=False), -1, axis))
 
 
 def resample_labels(

@@ -117,7 +117,8 @@ def coarse_volume(hu: np.ndarray, spacing: Sequence[float], pre: Preprocessing,
                   ) -> tuple[np.ndarray, SegGrid]:
     """The HU volume on the segmentation grid (float32, unpadded) and that grid."""
     grid = SegGrid.for_volume(hu.shape, spacing, pre.seg_spacing_mm, pre.seg_divisor)
-    coarse = resample_to_spacing(hu, spacing, grid.spacing, order=1, output_shape=grid.shape)
+    coarse = resample_to_spacing(hu, spacing, grid.spacing, order=1, output_shape=grid.shape,
+                                 antialias=pre.seg_antialias)
     return coarse, grid
 
 

@@ -12,6 +12,7 @@ from service.imaging.preprocess import (
     STANDARD_BONE_WINDOW,
     Window,
     apply_window,
+    area_downsample,
     bounding_box,
     crop_box,
     multi_window,
@@ -112,6 +113,43 @@ def test_identity_resample_copies() -> None:
     out = resample_to_spacing(array, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
     np.testing.assert_array_equal(out, array)
     assert out.dtype == np.float32
+
+
+def test_area_downsample_is_the_mean_over_each_output_voxel() -> None:
+    rng = np.random.default_rng(3)
+    array = rng.normal(size=(3, 64)).astype(np.float32)
+    out = area_downsample(array, 1, 4.0, 16)
+    # Output 5 is centred on input 20 and spans 18..22: halves of 18 and 22, all of 19..21.
+    expected = (0.5 * array[:, 18] + array[:, 19:22].sum(axis=1) + 0.5 * array[:, 22]) / 4
+    np.testing.assert_allclose(out[:, 5], expected, rtol=1e-5, atol=1e-5)
+    # At the edge the window is clipped to the image, not padded with zeros.
+    # Output 0 spans -2..2, clipped to the image edge at -0.5: voxels 0 and 1, half of 2.
+    np.testing.assert_allclose(out[:, 0], (array[:, 0] + array[:, 1] + 0.5 * array[:, 2]) / 2.5,
+                               atol=1e-5)
+    constant = area_downsample(np.full((2, 101), 7.0), 1, 3.3, 31)
+    np.testing.assert_allclose(constant, 7.0, atol=1e-4)
+
+
+def test_antialias_averages_noise_where_point_sampling_keeps_it() -> None:
+    """The reason for ``seg_antialias``: a fine grid's noise reaches a coarse one unaveraged."""
+    rng = np.random.default_rng(4)
+    noise = rng.normal(0.0, 100.0, size=(8, 160, 160)).astype(np.float32)
+    spacing, target = (2.5, 0.3125, 0.3125), (2.5, 2.5, 2.5)
+    point = resample_to_spacing(noise, spacing, target)
+    area = resample_to_spacing(noise, spacing, target, antialias=True)
+    assert point.shape == area.shape == resampled_shape(noise.shape, spacing, target)
+    assert point.std() > 80.0
+    assert area.std() < 20.0  # an 8 x 8 in-plane mean: 100 / 8 plus edge effects
+    # A linear ramp survives averaging unchanged away from the edges (no shift of the grid).
+    ramp = np.broadcast_to(np.arange(160, dtype=np.float32), (8, 160, 160))
+    smooth = resample_to_spacing(ramp, spacing, target, antialias=True)
+    np.testing.assert_allclose(smooth[:, 2:-2, 2:-2],
+                               np.broadcast_to(np.arange(0, 160, 8.0)[2:-2], (8, 16, 16)),
+                               atol=0.05)
+    # Labels are never averaged (order 0 ignores it).
+    labels = resample_to_spacing(np.ones((8, 160, 160), np.uint8), spacing, target,
+                                 order=0, antialias=True)
+    assert labels.dtype == np.uint8
 
 
 def test_bounding_box() -> None:
