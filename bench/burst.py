@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tests.integration.fault_support import Case
+    from harness.faults import Case
 
 COMMERCIAL_REFERENCE_S = 180.0
 
@@ -123,8 +123,10 @@ def send_burst(port: int, studies: list[Study], associations: int, called: str,
 
 def peer_storescp(work: Path, studies: list[Study], associations: int) -> float:
     """Instances/s of the same burst into DCMTK ``storescp --fork`` (disk only)."""
-    from tests.conftest import free_port
-    from tests.peers.dicom import _stop, _wait_port, dcmtk
+    from harness.dcmtk import dcmtk
+    from harness.process import free_port
+    from harness.process import stop as _stop
+    from harness.process import wait_port as _wait_port
 
     storescp, storescu = dcmtk("storescp"), dcmtk("storescu")
     if storescp is None or storescu is None:
@@ -166,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from sqlalchemy import create_engine, select, text
 
+    from harness.dcmtk import dcmtk
+    from harness.faults import Stack
+    from harness.peers.servers import RedisServer
+    from harness.process import wait_until
+    from harness.services import POSTGRES_ADMIN_URL
+    from harness.worker import SHIPPED_MODEL
     from service.db import migrate
     from service.db.tables import Analysis, AnalysisState, Export, ExportState, Series
-    from tests.conftest import POSTGRES_ADMIN_URL
-    from tests.integration.fault_support import Stack
-    from tests.integration.worker_support import SHIPPED_MODEL
-    from tests.peers.dicom import dcmtk, wait_until
-    from tests.peers.servers import RedisServer
 
     if not (SHIPPED_MODEL / "manifest.json").is_file():
         print(f"no model at {SHIPPED_MODEL}", file=sys.stderr)
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def study_as_case(study: Study) -> Case:
     """The fault harness's view of a study (it counts the PACS's objects per study)."""
-    from tests.integration.fault_support import Case
+    from harness.faults import Case
 
     return Case(study.study_instance_uid, study.series_instance_uid, study.paths, [])
 

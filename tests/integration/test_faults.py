@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service.db import migrate
-from service.db.tables import AnalysisState, ExportState
-from tests.integration.fault_support import (
+from harness.faults import (
     Case,
     Delivery,
     Row,
@@ -32,8 +30,10 @@ from tests.integration.fault_support import (
     tmpfs,
     write_row,
 )
-from tests.peers.dicom import wait_until
-from tests.peers.servers import PostgresServer, RedisServer
+from harness.peers.servers import PostgresServer, RedisServer
+from harness.process import wait_until
+from service.db import migrate
+from service.db.tables import AnalysisState, ExportState
 
 pytestmark = pytest.mark.slow
 
