@@ -212,7 +212,9 @@ def test_admin_sees_the_turnaround_of_a_demo_burst(  # type: ignore[no-untyped-d
                 rows = load_study_times(session)
             flagged = [t for t in rows if t.priority == "STAT"]
             uid = (flagged or rows)[0].study_instance_uid
-            page.goto(f"{web}/studies/{uid}")
+            # Not waiting for "load": the key images are drawn from the series on first
+            # request, which takes a while on a busy machine.
+            page.goto(f"{web}/studies/{uid}", wait_until="domcontentloaded")
             page.check("form.fb-study input[value=AGREE]")
             page.click("form.fb-study button[type=submit]")
             page.wait_for_selector("table#feedback-list")
