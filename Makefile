@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip
 
-.PHONY: run test lint typecheck demo bench clean
+.PHONY: run test lint typecheck demo bench audit-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(VENV)/.runtime-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.run_all
+
+# Known vulnerabilities in the installed dependencies. Needs the network (PyPI's advisory data
+# or OSV); --strict fails when a package could not be audited, so an offline run is not green.
+audit-deps: $(VENV)/.dev-installed
+	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -40,3 +40,16 @@ def test_missing_peer_outside_pytest_raises_naming_it() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert proc.stdout.strip() == "raised storescp absent", proc.stdout + proc.stderr
+
+
+def test_ci_script_requires_the_tools_and_reports_skips() -> None:
+    """DCMTK, dicom3tools and Orthanc missing fail CI by name; skips are listed and counted."""
+    import subprocess
+
+    path = Path(__file__).resolve().parents[2] / ".ci" / "run"
+    script = path.read_text()
+    for tool in ("storescu", "storescp", "dcmdump", "dciodvfy", "Orthanc"):
+        assert tool in script.split("for tool in", 1)[1].split(";", 1)[0], tool
+    assert '-rs"' in script and "skipped test(s)" in script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True,
+                          timeout=30).returncode == 0
