@@ -437,11 +437,15 @@ def notify_analysis(ctx: WorkerContext, analysis_id: int) -> dict[str, str | Non
     return outcome
 
 
-def export(ctx: WorkerContext, analysis_id: int) -> dict[str, str]:
-    """Send the analysis's result objects to every destination (retries inside)."""
+def export(ctx: WorkerContext, analysis_id: int,
+           sleep: Callable[[float], None] = time.sleep) -> dict[str, str]:
+    """Send the analysis's result objects to every destination. The export task passes a
+    ``sleep`` that raises ``ExportDeferred``: the backoff wait happens in the broker, not in
+    a worker process (a PACS down for minutes would otherwise hold the process that also
+    runs analyses, and outlive the task's time limit)."""
     from service.dicom.scu import export_analysis
 
-    summary = export_analysis(ctx.session_factory, analysis_id, ctx.settings)
+    summary = export_analysis(ctx.session_factory, analysis_id, ctx.settings, sleep=sleep)
     return {f"{dest}/{kind}": state.value for (dest, kind), state in summary.states.items()}
 
 
@@ -542,7 +546,17 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
 
     @app.task(name=TASK_EXPORT_RESULT, bind=True, acks_late=True, queue=EXPORT_QUEUE)
     def export_result(self: Task, analysis_id: int) -> dict[str, str]:
-        return export(context(), analysis_id)
+        from service.dicom.scu import ExportDeferred
+
+        def defer(seconds: float) -> None:
+            raise ExportDeferred(seconds)
+
+        try:
+            return export(context(), analysis_id, sleep=defer)
+        except ExportDeferred as deferred:
+            # Rows are RETRYING and carry their attempts; the export's own limit ends them
+            # FAILED, so the broker may retry without a count of its own.
+            raise self.retry(countdown=deferred.seconds, max_retries=None) from None
 
     @app.task(name=TASK_NOTIFY, bind=True, acks_late=True, queue=EXPORT_QUEUE,
               max_retries=settings.export_max_retries)

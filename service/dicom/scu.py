@@ -63,6 +63,17 @@ _WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 _MAX_BACKOFF_S = 600.0
 
 
+class ExportDeferred(Exception):
+    """Raised by the ``sleep`` of :func:`export_analysis` that hands the wait to the caller
+    (the export task, which asks the broker to run it again in ``seconds``): rows are
+    RETRYING and committed, the attempt count lives on the rows, so the next run continues
+    the backoff schedule instead of holding a worker process while a PACS is down."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"export deferred by {seconds:.1f} s")
+        self.seconds = seconds
+
+
 class ExportError(Exception):
     """Sending to a destination failed; ``transient`` says whether a retry may help."""
 
@@ -428,12 +439,20 @@ def export_analysis(
     ``export_retry_backoff_s * 2**n`` seconds (capped at 10 min) between tries; the rows
     are committed after every try, so the dashboard sees RETRYING while we wait.
     Re-sending is harmless: the objects keep their deterministic UIDs, so the PACS replaces
-    rather than duplicates them.
+    rather than duplicates them. The schedule continues from the rows' attempt counts, so a
+    ``sleep`` that raises :class:`ExportDeferred` (after every destination had its try)
+    defers the wait to a later call without restarting the backoff.
     """
     targets = list(targets if targets is not None else export_targets(settings))
+    deferred: list[float] = []
     for target in targets:
-        _export_to_target(session_factory, analysis_id, target, settings, resend=resend,
-                          sleep=sleep)
+        try:
+            _export_to_target(session_factory, analysis_id, target, settings, resend=resend,
+                              sleep=sleep)
+        except ExportDeferred as exc:
+            deferred.append(exc.seconds)
+    if deferred:
+        raise ExportDeferred(min(deferred))
     summary = ExportSummary()
     with session_factory() as session:
         analysis = session.get(Analysis, analysis_id)
@@ -460,6 +479,9 @@ def _export_to_target(session_factory: sessionmaker[Session], analysis_id: int,
 
     with session_factory() as session:
         todo = pending_ids(session)
+        # Tries already made by earlier calls (a deferred export): the schedule goes on.
+        tried = 0 if resend or not todo else min(session.execute(
+            select(Export.attempts).where(Export.id.in_(todo))).scalars())
     if not todo:
         return
     if resend:
@@ -534,8 +556,9 @@ def _export_to_target(session_factory: sessionmaker[Session], analysis_id: int,
                        state.attempt_number, wait)
 
     retrying = Retrying(
-        stop=stop_after_attempt(max(1, settings.export_max_retries)),
-        wait=wait_exponential(multiplier=settings.export_retry_backoff_s, max=_MAX_BACKOFF_S),
+        stop=stop_after_attempt(max(1, settings.export_max_retries - tried)),
+        wait=wait_exponential(multiplier=settings.export_retry_backoff_s * 2 ** min(tried, 16),
+                              max=_MAX_BACKOFF_S),
         retry=retry_if_exception_type(_AttemptFailed),
         before_sleep=before_sleep,
         sleep=sleep,

@@ -160,8 +160,9 @@ def test_worker_sigkill_mid_export(tmp_path: Path, database: str,
         recovery = stack.wait_settled([case])
         verdict = stack.verify([case], [delivery])
     row = _record(21, "Worker SIGKILL mid-export",
-                  "PACS stopped so the export task waits between attempts (rows RETRYING); "
-                  "kill -9 of the worker; PACS and a new worker started",
+                  "PACS stopped so the export task is between attempts (rows RETRYING, its "
+                  "retry held by the worker); kill -9 of the worker; PACS and a new worker "
+                  "started",
                   "test_worker_sigkill_mid_export", verdict, recovery,
                   scaled="visibility timeout 10 s; export backoff 1 s x 8 tries",
                   notes="the unacknowledged export task is redelivered")
@@ -274,7 +275,9 @@ def test_pacs_down_for_ten_minutes_scaled(tmp_path: Path, database: str,
     export retries with backoff and delivers once when it is back."""
     (case,) = _cases(tmp_path, range(2801, 2802))
     with Stack(tmp_path / "stack", database_url=database, broker_url=broker.url(0),
-               overrides={"EXPORT_MAX_RETRIES": "8", "EXPORT_TIMEOUT_S": "2"}) as stack:
+               overrides={"EXPORT_MAX_RETRIES": "8", "EXPORT_TIMEOUT_S": "2",
+                          # above the longest deferred retry (64 s): no redelivered copy
+                          "BROKER_VISIBILITY_TIMEOUT_S": "600"}) as stack:
         stack.orthanc.__exit__()
         down_at = time.monotonic()
         delivery = send(stack.scp_port, case.paths)
