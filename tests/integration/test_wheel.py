@@ -7,7 +7,8 @@ editable install's finder there is *not* loaded), so pip resolves every dependen
 wheel, finds them satisfied and downloads nothing; ``service`` itself comes only from the
 wheel, which the test checks. Then, from an empty temporary directory: ``triage db upgrade``
 against a fresh PostgreSQL database, ``triage serve`` with the real Redis as broker, and
-``/healthz`` with an admin token must report the database up and the shipped model present.
+``/healthz`` with an admin token must report the database up and the shipped model present,
+and the login page must render (the templates are package data).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def test_wheel_migrates_and_serves_from_any_directory(tmp_path: Path, postgres_u
     assert {f"{shipped}models/cspine-v1/manifest.json", f"{shipped}models/cspine-v1/seg.onnx",
             f"{shipped}models/cspine-v1/frac.onnx", f"{shipped}alembic/env.py"} <= names
     assert any(n.startswith(f"{shipped}alembic/versions/0001_") for n in names)
+    package_data = {str(p.relative_to(REPO)) for p in (REPO / "service").rglob("*")
+                    if p.is_file() and p.suffix not in (".py", ".pyc")
+                    and "__pycache__" not in p.parts}
+    assert package_data - names == set(), "package data missing from the wheel (pyproject)"
     assert not any("checkpoints" in n or n.split("/")[0] in {"harness", "tests", "bench",
                                                              "models", "alembic"}
                    for n in names), "the wheel ships the service only"
@@ -124,6 +129,8 @@ def test_wheel_migrates_and_serves_from_any_directory(tmp_path: Path, postgres_u
             assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
             assert time.monotonic() < deadline, "web never answered /healthz"
             time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=5) as page:
+            assert page.status == 200 and b"csrf_token" in page.read()  # templates shipped
         run("user", "add", "ops", "--role", "admin", "--password-stdin",
             stdin="a long enough password\n")
         token = run("token", "create", "ops").strip()
