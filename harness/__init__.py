@@ -19,8 +19,13 @@ renders the anatomy the product's demo and training use. The wheel ships ``servi
   :class:`~harness.services.PeerMissing` outside pytest);
 - :mod:`harness.process`: free ports, waiting, stopping a child process;
 - :mod:`harness.dcmtk`: DCMTK's programs, found by what they are;
-- :mod:`harness.peers`: DICOM peers (DCMTK, pynetdicom, ``triage scp``) and Orthanc;
+- :mod:`harness.peers`: DICOM peers (DCMTK, pynetdicom, ``triage scp``), Orthanc, and private
+  Redis/PostgreSQL servers a test may stop and restart;
 - :mod:`harness.worker`: ``triage worker`` as a process, and spooling a series as the SCP would;
+- :mod:`harness.faults`: the whole service as separate processes under a fault (the fault
+  table and ``bench.burst``);
+- :mod:`harness.pki`: a throwaway CA and certificates for the TLS tests;
 - :mod:`harness.web`: API tokens and a form login for the dashboard;
-- :mod:`harness.data`: synthetic inputs (CT series, a results case, seeded worklist rows).
+- :mod:`harness.data`: synthetic inputs (CT series, a results case, seeded worklist and admin
+  rows).
 """
