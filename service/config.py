@@ -30,6 +30,8 @@ from service import shipped
 
 ENV_PREFIX = "TRIAGE_"
 CONFIG_FILE_VARIABLE = "TRIAGE_CONFIG_FILE"
+PLACEHOLDER_SECRET_KEY = "change-me-in-production"
+"""The shipped ``secret_key``: public, so the web app refuses it outside development mode."""
 
 
 class SegFormat(StrEnum):
@@ -95,6 +97,11 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
+    development_mode: bool = False
+    """Allow what must never run in production: the placeholder ``secret_key`` (the web app
+    refuses it otherwise) and a plain-http or unsigned webhook. ``triage serve`` needs no
+    development mode: it makes and keeps a random key under ``data_dir``."""
+
     # --- storage -----------------------------------------------------------------------
     data_dir: Path = Path("var")
     """Root of everything the service writes: spool, results, embedded broker, SQLite file."""
@@ -113,7 +120,10 @@ class Settings(BaseSettings):
 
     # --- DICOM edge ------------------------------------------------------------------------
     ae_title: str = "CSPINE_TRIAGE"
-    dicom_host: str = "0.0.0.0"
+    dicom_host: str = "127.0.0.1"
+    """Listen address of the SCP. Loopback by default: receiving from a PACS is a decision
+    (``0.0.0.0`` or one interface, with ``allowed_calling_aes``/``allowed_networks`` and TLS);
+    the container images set ``0.0.0.0``, where the pod/compose network is the boundary."""
     dicom_port: int = Field(default=11112, ge=1, le=65535)
     require_called_ae: bool = True
     """Reject associations whose Called AE Title is not ours."""
@@ -217,12 +227,27 @@ class Settings(BaseSettings):
     """When set, a study not suspected but with patient probability >= this goes URGENT."""
     hl7_host: str | None = None
     hl7_port: int | None = None
+    hl7_tls: bool = False
+    """Send HL7 over MLLP inside TLS (1.2+), verifying the peer's certificate and name."""
+    hl7_tls_ca_file: Path | None = None
+    """CA bundle the HL7 peer's certificate must chain to; ``None``: the system's CAs."""
+    hl7_tls_cert_file: Path | None = None
+    """Our client certificate, for a peer that asks for one (mutual TLS)."""
+    hl7_tls_key_file: Path | None = None
     webhook_url: str | None = None
+    """https only (plain http only in ``development_mode``)."""
+    webhook_secret: SecretStr | None = None
+    """Key of the HMAC-SHA256 over each webhook body (header ``X-Triage-Signature-256:
+    sha256=<hex>``); required with ``webhook_url`` outside ``development_mode``."""
+    webhook_ca_file: Path | None = None
+    """CA bundle the webhook receiver's certificate must chain to; ``None``: system CAs."""
 
     # --- web ---------------------------------------------------------------------------------
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=1, le=65535)
-    secret_key: SecretStr = SecretStr("change-me-in-production")
+    secret_key: SecretStr = SecretStr(PLACEHOLDER_SECRET_KEY)
+    """Signs the session cookies; the web app refuses the placeholder outside
+    ``development_mode``."""
     session_max_age_s: int = 8 * 3600
     metrics_token: SecretStr | None = None
     """Bearer token a Prometheus scraper sends to ``/metrics``. Unset: ``/metrics`` answers
@@ -309,7 +334,22 @@ class Settings(BaseSettings):
             self.audit_anchor_file = self.data_dir / "audit-anchors.jsonl"
         if self.tls_enabled and not (self.tls_cert_file and self.tls_key_file):
             raise ValueError("tls_enabled needs tls_cert_file and tls_key_file")
+        if bool(self.hl7_tls_cert_file) != bool(self.hl7_tls_key_file):
+            raise ValueError("hl7_tls_cert_file and hl7_tls_key_file go together")
+        if self.webhook_url and not self.development_mode:
+            from urllib.parse import urlsplit
+
+            if urlsplit(self.webhook_url).scheme.lower() != "https":
+                raise ValueError("webhook_url must be https (plain http only in "
+                                 "development_mode): the payload names studies")
+            if self.webhook_secret is None or not self.webhook_secret.get_secret_value():
+                raise ValueError("webhook_url needs webhook_secret (the receiver checks the "
+                                 "HMAC signature) outside development_mode")
         return self
+
+    @property
+    def secret_key_is_placeholder(self) -> bool:
+        return self.secret_key.get_secret_value() == PLACEHOLDER_SECRET_KEY
 
     # Typed accessors for the derived paths, so callers need no ``assert ... is not None``.
     @property
