@@ -71,16 +71,16 @@ class AuditPage:
 
 
 def subject_studies(session: Session, subject: str) -> list[str]:
-    """Study UIDs named by ``subject``: itself if it is a study UID on record, plus the studies
-    of a patient ID or accession number. A UID not on record still matches itself (its
-    events may outlive the study's rows)."""
+    """Study UIDs named by ``subject``: the studies whose UID, patient ID or accession number it
+    is; when none is on record, ``subject`` itself (a study UID whose events outlive its rows,
+    or a UID of a study never stored, such as a refused association's)."""
     rows = session.execute(
         select(Study.study_instance_uid)
         .where(or_(Study.study_instance_uid == subject, Study.patient_id == subject,
                    Study.accession_number == subject))
         .order_by(Study.id).limit(MAX_SUBJECT_STUDIES)).scalars()
     found = list(dict.fromkeys(rows))
-    return found if subject in found else [subject, *found][:MAX_SUBJECT_STUDIES]
+    return found or [subject]
 
 
 def _conditions(session: Session, query: AuditQuery) -> tuple[list[ColumnElement[bool]],

@@ -88,6 +88,7 @@ def test_radiologist_view_is_found_by_patient_and_the_search_is_audited(
         assert kinds == ["study.view", "worklist.view"], kinds
         assert all(e.actor == "rad" for e in shown.values())
         assert "Chain intact" in page.text
+        assert "about 1 study" in page.text  # PID1 names one study, not two
         # A study UID names the same reads; a narrower action filter keeps only the page.
         by_uid = adm.get("/admin/audit", params={"subject": FRACTURED.uid,
                                                  "event_type": "study.view"})
