@@ -310,7 +310,7 @@ class Stack:
     # --- the check ---------------------------------------------------------------------------
     def verify(self, cases: Sequence[Case], deliveries: Sequence[Delivery]) -> Verdict:
         acknowledged = {u for d in deliveries for u in d.acknowledged}
-        spool = self.workdir / "var" / "spool"
+        spool = Path(self.overrides.get("SPOOL_DIR") or self.workdir / "var" / "spool")
         with self.factory() as session:
             rows = dict(session.execute(
                 select(Instance.sop_instance_uid, Instance.spool_path)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.peers.dicom import storescp
+from harness.process import free_port
 from service.config import PacsDestination
 from service.db.tables import ExportState
 from service.dicom.scu import ExportDeferred, export_analysis
-from tests.conftest import free_port
 from tests.integration.export_support import analysed_study, export_rows
-from tests.peers.dicom import storescp
 
 
 def _defer(seconds: float) -> None:
