@@ -118,9 +118,10 @@ def build_segmentation(
         transfer_syntax_uid = transfer_syntax_for(seg_format, SegEncoding.NATIVE)
     # Which labels occur, read only from the slices that hold any (a per-slice max is one
     # fast reduction): np.unique or np.bincount over all 78 M voxels cost seconds.
-    occupied = label_map.reshape(label_map.shape[0], -1).max(axis=1) > 0
+    occupied = np.flatnonzero(label_map.reshape(label_map.shape[0], -1).max(axis=1))
+    occupied_labels = label_map[occupied]
     seen = np.zeros(256, dtype=bool)
-    seen[label_map[occupied].ravel()] = True
+    seen[occupied_labels.ravel()] = True
     present = [v for v in range(1, len(VERTEBRAE) + 1) if seen[v]]
     if not present:
         logger.info("series %s: label map holds no vertebra, no SEG", findings.series_instance_uid)
@@ -132,7 +133,9 @@ def build_segmentation(
     for number, label in enumerate(present, start=1):
         lut[label] = number
         segment_numbers[VERTEBRAE[label - 1]] = number
-    segments = lut[label_map]
+    # Remapped on the occupied slices only; the rest stays zero (np.zeros is lazily zeroed).
+    segments = np.zeros(label_map.shape, dtype=np.uint8)
+    segments[occupied] = lut[occupied_labels]
 
     sources = source_images(volume)
     pixel_array: np.ndarray | hd.Volume
