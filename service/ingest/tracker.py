@@ -54,6 +54,7 @@ from sqlalchemy import distinct, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.audit import record, write_anchor
+from service.audit.atna import AtnaForwarder
 from service.config import Settings
 from service.db.tables import (
     AnalysisState,
@@ -245,6 +246,10 @@ class Tracker:
         self._hint_set_aside: dict[int, tuple[int, datetime | None]] = {}
         """Series id -> (instance count, last arrival) at which its count hint failed the
         stack check; process-local (another tracker checks for itself)."""
+        self._prefetched: dict[int, tuple[tuple[int, datetime | None], SeriesHeaders]] = {}
+        """Series id -> ((instance count, last arrival), headers read at that point): read
+        while the release timer runs, so qualification after the claim reads nothing."""
+        self._released_waiting: list[SeriesProgress] = []
 
     # --- loop -------------------------------------------------------------------------------
     def wake(self, *_: Any) -> None:
@@ -264,6 +269,7 @@ class Tracker:
     def _run(self) -> None:
         failures = 0
         anchored_at: float | None = None
+        forwarded_at: float | None = None
         while not self._stop.is_set():
             delay = self._settings.tracker_interval_s * (2 ** min(failures, 5))
             self._wake.wait(delay)
@@ -277,6 +283,25 @@ class Tracker:
                 failures += 1
                 logger.exception("tracker tick failed (%d in a row)", failures)
             anchored_at = self._anchor_if_due(anchored_at)
+            forwarded_at = self._forward_atna_if_due(forwarded_at)
+
+    def _forward_atna_if_due(self, forwarded_at: float | None) -> float | None:
+        """Send the committed audit events to the ATNA syslog collector, when one is set.
+
+        A collector (or database) that is down is retried every ``audit_syslog_interval_s``
+        from the same offset, so nothing is lost and nothing is sent twice while it is down.
+        """
+        interval = self._settings.audit_syslog_interval_s
+        now = time.monotonic()
+        if not self._settings.audit_syslog_host or (
+                forwarded_at is not None and now - forwarded_at < interval):
+            return forwarded_at
+        try:
+            with self._factory() as session:
+                AtnaForwarder(self._settings).forward(session)
+        except Exception as exc:  # noqa: BLE001 - collector or database down: retried
+            logger.warning("ATNA syslog: %s; retrying", str(exc).splitlines()[0][:200])
+        return now
 
     def _anchor_if_due(self, anchored_at: float | None) -> float | None:
         """Anchor the audit chain head at start and every ``audit_anchor_interval_s``.
@@ -302,9 +327,9 @@ class Tracker:
     def tick(self) -> TickReport:
         report = TickReport()
         for progress, reason in self.due():
-            headers = None
+            headers = self._prefetched_for(progress)
             if reason in HINTED:
-                headers = self._read_headers(progress.id)
+                headers = headers or self._read_headers(progress.id)
                 expected = progress.expected_instances or self._settings.expected_instances_hint
                 verdict = stack_verdict(headers.datasets, expected or 0,
                                         max_gap_factor=self._rules.max_gap_factor,
@@ -321,8 +346,10 @@ class Tracker:
                 if verdict.multiframe:
                     reason = CompletionReason.NUMBER_OF_FRAMES
             if self._claim(progress, reason):
+                self._prefetched.pop(progress.id, None)
                 report.completed.append(progress.id)
                 self._qualify(progress.id, report, headers)
+        self._prefetch()
         for series_id in self._stale_complete():
             self._qualify(series_id, report)
         for analysis_id in report.analyses_created:
@@ -332,6 +359,34 @@ class Tracker:
         return report
 
     # --- completion ---------------------------------------------------------------------------
+    @staticmethod
+    def _point(progress: SeriesProgress) -> tuple[int, datetime | None]:
+        return progress.instance_count, progress.last_received_at
+
+    def _prefetched_for(self, progress: SeriesProgress) -> SeriesHeaders | None:
+        """Headers read earlier for exactly this (count, last arrival), else ``None``."""
+        cached = self._prefetched.get(progress.id)
+        if cached is None or cached[0] != self._point(progress):
+            return None
+        return cached[1]
+
+    def _prefetch(self) -> None:
+        """Read the headers of series whose sender has released while their release timer
+        runs (the wait is there anyway; reading 300 headers takes seconds on a loaded CPU).
+
+        Only released series: reading during reception would compete with the SCP's
+        threads in this process. A header set is kept only if nothing arrived while it was
+        read (its row count matches), and it is used only at the same (count, last arrival).
+        """
+        for progress in self._released_waiting:
+            if self._stop.is_set():
+                return
+            if self._prefetched_for(progress) is not None:
+                continue
+            headers = self._read_headers(progress.id)
+            if headers.count == progress.instance_count:
+                self._prefetched[progress.id] = (self._point(progress), headers)
+
     def due(self) -> list[tuple[SeriesProgress, CompletionReason]]:
         """RECEIVING series that are complete now, with why."""
         now = self._clock()
@@ -343,10 +398,13 @@ class Tracker:
                 .where(Series.state == SeriesState.RECEIVING)).all()
             if not rows:
                 self._hint_set_aside.clear()
+                self._prefetched.clear()
+                self._released_waiting = []
                 return []
             mpps_done = self._mpps_complete(session)
         out = []
         receiving = set()
+        waiting: list[SeriesProgress] = []
         for row in rows:
             progress = SeriesProgress(*row)
             receiving.add(progress.id)
@@ -360,8 +418,13 @@ class Tracker:
                 hint_set_aside=set_aside)
             if reason is not None:
                 out.append((progress, reason))
+            elif progress.association_released_at is not None:
+                waiting.append(progress)
         for series_id in set(self._hint_set_aside) - receiving:
             del self._hint_set_aside[series_id]
+        for series_id in set(self._prefetched) - receiving:
+            del self._prefetched[series_id]
+        self._released_waiting = waiting
         return out
 
     @staticmethod

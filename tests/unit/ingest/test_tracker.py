@@ -492,3 +492,38 @@ def test_hot_path_header_reads_the_frame_hint(syntax: str) -> None:
                                          sop_uid=str(ds.SOPInstanceUID),
                                          transfer_syntax_uid=syntax)
     assert header.frame_instances == 3
+
+
+def test_headers_read_during_the_release_wait_are_reused_only_if_nothing_came(
+        ingest_env: IngestEnv) -> None:
+    """The release timer's wait reads the headers; qualification after the claim reuses them,
+    unless an instance arrived since (then they are read again)."""
+    from service.ingest.bookkeeper import AssociationRecord
+
+    def release(association_id: str, items: list[Any]) -> None:
+        end = AssociationRecord(association_id, "SCU", "CSPINE_TRIAGE", "127.0.0.1", 1,
+                                items[0].received_at, utcnow(), "released")
+        with ingest_env.factory() as session, session.begin():
+            write_batch(session, [end])
+
+    clock = Clock()
+    tracker = make_tracker(ingest_env, FakeBroker(), clock)
+    reads: list[int] = []
+    read = tracker._read_headers
+
+    def counting(series_id: int) -> Any:
+        reads.append(series_id)
+        return read(series_id)
+
+    tracker._read_headers = counting  # type: ignore[method-assign]
+    spec = SeriesSpec(slices=13)
+    release("p1", receive_series(ingest_env, spec, range(12), association_id="p1"))
+    assert tracker.tick().completed == [] and len(reads) == 1  # read while waiting
+    assert tracker.tick().completed == [] and len(reads) == 1  # not twice
+    release("p2", receive_series(ingest_env, spec, range(12, 13), association_id="p2"))
+    assert tracker.tick().completed == [] and len(reads) == 2  # stale: read again
+    clock.offset = timedelta(seconds=ingest_env.settings.completion_idle_after_release_s + 0.5)
+    assert tracker.tick().completed and len(reads) == 2  # qualified on what was read
+    series = series_row(ingest_env, spec.series_uid)
+    assert series.qualified and series.instance_count == 13
+    assert json.loads(series.qualification_detail or "{}")["metrics"]["slices"] == 13
