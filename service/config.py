@@ -255,7 +255,17 @@ class Settings(BaseSettings):
 
     # --- audit and logging ------------------------------------------------------------------
     audit_syslog_host: str | None = None
-    audit_syslog_port: int = 514
+    """IHE ATNA collector: the audit trail goes there as DICOM PS3.15 A.5 messages over RFC
+    5424 syslog in TLS (``service.audit.atna``); unset: not sent."""
+    audit_syslog_port: int = Field(default=6514, ge=1, le=65535)
+    """6514 is syslog over TLS (RFC 5425)."""
+    audit_syslog_tls_ca_file: Path | None = None
+    """CA bundle the collector's certificate must chain to; ``None``: the system's CAs."""
+    audit_syslog_tls_cert_file: Path | None = None
+    """This node's certificate (ATNA authenticates both ends), with its key below."""
+    audit_syslog_tls_key_file: Path | None = None
+    audit_syslog_interval_s: float = Field(default=2.0, gt=0)
+    """How often the SCP's tracker sends the audit events committed since the last send."""
     audit_anchor_file: Path | None = None
     """JSON-lines file the audit chain head is appended to (``triage audit anchor``, and the
     SCP every ``audit_anchor_interval_s``); defaults to ``<data_dir>/audit-anchors.jsonl``.
