@@ -94,11 +94,34 @@ def queue_depths(client: Any) -> dict[str, int]:
     return out
 
 
+UNACKED_KEY = "unacked"
+"""Kombu's Redis hash of the messages a worker has taken and not yet acknowledged (with
+``acks_late``: the tasks running now), each ``[message, exchange, routing_key]``."""
+
+
+def queue_in_progress(client: Any) -> dict[str, int]:
+    """Tasks taken by a worker and not yet acknowledged, per queue (routing key)."""
+    import json
+
+    out = dict.fromkeys(QUEUES, 0)
+    for raw in client.hvals(UNACKED_KEY):
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if routing_key in out:
+            out[routing_key] += 1
+    return out
+
+
 @dataclass
 class BrokerView:
     status: str
     """``up``, ``down`` or ``not_configured``."""
     queues: dict[str, int] = field(default_factory=dict)
+    """Tasks waiting per queue."""
+    in_progress: dict[str, int] = field(default_factory=dict)
+    """Tasks taken by a worker, not yet acknowledged, per queue."""
     workers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
@@ -121,6 +144,7 @@ def broker_view(settings: Settings) -> BrokerView:
         client = _redis(settings)
         try:
             queues = queue_depths(client)
+            taken = queue_in_progress(client)
             workers = read_heartbeats(client)
         finally:
             client.close()
@@ -130,7 +154,7 @@ def broker_view(settings: Settings) -> BrokerView:
     for worker in workers:
         worker["age_s"] = _age_s(worker.get("at"), now)
     workers.sort(key=lambda w: (str(w.get("host")), int(w.get("pid") or 0)))
-    return BrokerView(status="up", queues=queues, workers=workers)
+    return BrokerView(status="up", queues=queues, in_progress=taken, workers=workers)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ class TriageCollector(Collector):
         broker = broker_view(self._settings)
         if broker.status == "up":
             ok.add_metric(["broker"], 1)
-            yield from self._broker(broker.queues, broker.workers)
+            yield from self._broker(broker.queues, broker.in_progress, broker.workers)
         elif broker.status == "down":
             ok.add_metric(["broker"], 0)
         yield ok
@@ -193,13 +193,19 @@ class TriageCollector(Collector):
             yield dict(zip(keys, row, strict=True))
 
     @staticmethod
-    def _broker(queues: dict[str, int], workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _broker(queues: dict[str, int], in_progress: dict[str, int],
+                workers: list[dict[str, Any]]) -> Iterator[Metric]:
         depth = GaugeMetricFamily("cspine_queue_depth",
                                   "Tasks waiting on the broker queue (not yet taken)",
                                   labels=["queue"])
+        running = GaugeMetricFamily("cspine_queue_in_progress",
+                                    "Tasks taken by a worker and not yet acknowledged",
+                                    labels=["queue"])
         for queue in QUEUES:
             depth.add_metric([queue], queues.get(queue, 0))
+            running.add_metric([queue], in_progress.get(queue, 0))
         yield depth
+        yield running
         live = GaugeMetricFamily("cspine_workers",
                                  "Workers with a live heartbeat, by execution provider and "
                                  "model version", labels=["execution_provider", "model_version"])

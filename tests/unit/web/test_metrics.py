@@ -3,6 +3,7 @@ the seeded database and broker; who may scrape."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,7 @@ def test_metrics_reflect_the_database_and_the_broker(
 
     client = redis.Redis.from_url(redis_url)
     client.rpush(ANALYSIS_QUEUE, b"{}", b"{}", b"{}")
+    client.hset("unacked", "tag-1", json.dumps([{"body": "..."}, "", "export"]))
     client.close()
     Heartbeat(redis_url, {"host": "h", "pid": 1, "execution_provider": "CPUExecutionProvider",
                           "version": "1.5.0"}, ttl_s=30, interval_s=10).beat()
@@ -81,6 +83,8 @@ def test_metrics_reflect_the_database_and_the_broker(
     assert _get(samples, "cspine_exports", state="FAILED", destination="PACS") == 1
     assert _get(samples, "cspine_queue_depth", queue="analysis") == 3
     assert _get(samples, "cspine_queue_depth", queue="export") == 0
+    assert _get(samples, "cspine_queue_in_progress", queue="export") == 1
+    assert _get(samples, "cspine_queue_in_progress", queue="analysis") == 0
     assert _get(samples, "cspine_workers", execution_provider="CPUExecutionProvider",
                 model_version="1.5.0") == 1
     assert _get(samples, "cspine_scrape_ok", source="database") == 1
