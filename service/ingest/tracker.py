@@ -250,6 +250,10 @@ class Tracker:
         """Series id -> ((instance count, last arrival), headers read at that point): read
         while the release timer runs, so qualification after the claim reads nothing."""
         self._released_waiting: list[SeriesProgress] = []
+        self._hinted_waiting: list[SeriesProgress] = []
+        self._header_cache: dict[int, dict[str, Dataset]] = {}
+        """Series id -> spool path -> header, for RECEIVING series: a spool file never
+        changes under its name, so each header is read once however often it is needed."""
 
     # --- loop -------------------------------------------------------------------------------
     def wake(self, *_: Any) -> None:
@@ -386,6 +390,13 @@ class Tracker:
             headers = self._read_headers(progress.id)
             if headers.count == progress.instance_count:
                 self._prefetched[progress.id] = (self._point(progress), headers)
+        # A series with a count hint is checked the moment the count is reached: its headers
+        # are read as they arrive, a tick's worth at a time, so that check reads only the
+        # last few. (Series without a hint are not read during reception: see above.)
+        for progress in self._hinted_waiting:
+            if self._stop.is_set():
+                return
+            self._read_headers(progress.id)
 
     def due(self) -> list[tuple[SeriesProgress, CompletionReason]]:
         """RECEIVING series that are complete now, with why."""
@@ -399,12 +410,15 @@ class Tracker:
             if not rows:
                 self._hint_set_aside.clear()
                 self._prefetched.clear()
+                self._header_cache.clear()
                 self._released_waiting = []
+                self._hinted_waiting = []
                 return []
             mpps_done = self._mpps_complete(session)
         out = []
         receiving = set()
         waiting: list[SeriesProgress] = []
+        hinted: list[SeriesProgress] = []
         for row in rows:
             progress = SeriesProgress(*row)
             receiving.add(progress.id)
@@ -420,11 +434,16 @@ class Tracker:
                 out.append((progress, reason))
             elif progress.association_released_at is not None:
                 waiting.append(progress)
+            elif progress.expected_instances or self._settings.expected_instances_hint:
+                hinted.append(progress)
         for series_id in set(self._hint_set_aside) - receiving:
             del self._hint_set_aside[series_id]
         for series_id in set(self._prefetched) - receiving:
             del self._prefetched[series_id]
+        for series_id in set(self._header_cache) - receiving:
+            del self._header_cache[series_id]
         self._released_waiting = waiting
+        self._hinted_waiting = hinted
         return out
 
     @staticmethod
@@ -500,14 +519,19 @@ class Tracker:
                 .where(Instance.series_id == series_id)).all()
             count = session.execute(select(Series.instance_count)
                                     .where(Series.id == series_id)).scalar_one()
+        cache = self._header_cache.setdefault(series_id, {})
         datasets = []
         unreadable = 0
         for _sop, _sha, spool_path in sorted(instances, key=lambda r: r.spool_path):
-            try:
-                datasets.append(read_header(self._spool.path(spool_path)))
-            except (UnreadableHeader, OSError) as exc:
-                unreadable += 1
-                logger.warning("series %d: %s", series_id, exc)
+            header = cache.get(spool_path)
+            if header is None:
+                try:
+                    header = cache[spool_path] = read_header(self._spool.path(spool_path))
+                except (UnreadableHeader, OSError) as exc:
+                    unreadable += 1
+                    logger.warning("series %d: %s", series_id, exc)
+                    continue
+            datasets.append(header)
         return SeriesHeaders(count, [(sop, sha) for sop, sha, _ in instances], datasets,
                              unreadable)
 

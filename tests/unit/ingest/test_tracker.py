@@ -527,3 +527,25 @@ def test_headers_read_during_the_release_wait_are_reused_only_if_nothing_came(
     series = series_row(ingest_env, spec.series_uid)
     assert series.qualified and series.instance_count == 13
     assert json.loads(series.qualification_detail or "{}")["metrics"]["slices"] == 13
+
+
+def test_hinted_series_headers_are_read_as_they_arrive_and_once(
+        ingest_env: IngestEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.ingest.tracker as tracker_module
+
+    files: list[Any] = []
+    read = tracker_module.read_header
+
+    def counting(path: Any) -> Any:
+        files.append(path)
+        return read(path)
+
+    monkeypatch.setattr(tracker_module, "read_header", counting)
+    tracker = make_tracker(ingest_env, FakeBroker())
+    spec = SeriesSpec(slices=12, images_in_acquisition=12)
+    receive_series(ingest_env, spec, range(6), association_id="first")
+    assert tracker.tick().completed == [] and len(files) == 6  # read while receiving
+    receive_series(ingest_env, spec, range(6, 12), association_id="second")
+    assert tracker.tick().completed  # the stack check and the qualification read the rest
+    assert len(files) == len(set(files)) == 12
+    assert series_row(ingest_env, spec.series_uid).completion_reason == "expected_count"
