@@ -128,12 +128,17 @@ def test_load_study_times_reads_the_pipelines_timestamps(db: Any) -> None:
     assert set(rows) == {"1.fast", "2.slow", "3.noacq", "4.inflight", "5.refused", "6.incon",
                          "7.scope"}
     fast = rows["1.fast"]
-    assert (fast.flagged - fast.acquired).total_seconds() == 97
-    assert (fast.sent - fast.stored).total_seconds() == 7 and fast.calling_aes == ("CT1",)
+    assert seconds(fast.acquired, fast.flagged) == 97
+    assert seconds(fast.stored, fast.sent) == 7 and fast.calling_aes == ("CT1",)
     assert rows["3.noacq"].acquired is None
     assert rows["5.refused"].ended_unflagged and rows["5.refused"].analyzed is None
     # NOT_ANALYZABLE in the worker: its answer time is when it finished.
-    assert (rows["7.scope"].analyzed - rows["7.scope"].acquired).total_seconds() == 90
+    assert seconds(rows["7.scope"].acquired, rows["7.scope"].analyzed) == 90
+
+
+def seconds(start: datetime | None, end: datetime | None) -> float:
+    assert start is not None and end is not None
+    return (end - start).total_seconds()
 
 
 def test_study_date_time_fallback_is_marked(migrated_url: str) -> None:
@@ -203,9 +208,11 @@ def test_api_turnaround_figures(db: Any, tmp_path: Any) -> None:
 
 
 def create_app_for(url: str, **overrides: Any) -> Any:
+    from pydantic import SecretStr
+
     from service.config import Settings
 
-    return create_app(Settings(database_url=url, secret_key="analytics-test-secret",
+    return create_app(Settings(database_url=url, secret_key=SecretStr("analytics-test-secret"),
                                **overrides))
 
 
