@@ -316,6 +316,12 @@ CSV_COLUMNS: tuple[str, ...] = (
 )
 
 
+def _text(value: str) -> str:
+    """A text cell a spreadsheet would run as a formula (a calling AE title is whatever the
+    sender says) gets a leading ``'``."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def csv_row(study: StudyTurnaround) -> list[str]:
     """One study as CSV cells (ISO 8601 UTC times, seconds with millisecond precision)."""
     t = study.times
@@ -326,8 +332,9 @@ def csv_row(study: StudyTurnaround) -> list[str]:
     def moment(value: datetime | None) -> str:
         return "" if value is None else value.astimezone(UTC).isoformat()
 
-    return [t.study_instance_uid, study.status.value, t.priority or "", t.model_version or "",
-            " ".join(t.calling_aes), study.acquisition.value,
+    return [_text(t.study_instance_uid), study.status.value, _text(t.priority or ""),
+            _text(t.model_version or ""), _text(" ".join(t.calling_aes)),
+            study.acquisition.value,
             *(moment(t.at(m)) for m in MILESTONES),
             *(seconds(study.stages[k]) for k in STAGE_KEYS),
             seconds(study.end_to_end_s), seconds(study.from_receipt_s),

@@ -175,3 +175,12 @@ def test_csv_row_has_every_column() -> None:
     assert rows["3.noacq"]["acquisition_source"] == "missing"
     assert rows["3.noacq"]["end_to_end_s"] == "" and rows["3.noacq"]["from_receipt_s"] == "57.000"
     assert rows["1.fast"]["acquired_at"] == T0.isoformat()
+
+
+def test_csv_text_cells_cannot_become_formulas() -> None:
+    hostile = StudyTimes(study_instance_uid="1.2.3", calling_aes=("=HYPERLINK(1)",),
+                         model_version="@x", first_received=T0, received=T0)
+    row = dict(zip(CSV_COLUMNS, csv_row(study_turnaround(hostile, target_s=TARGET, now=NOW)),
+                   strict=True))
+    assert row["calling_aes"] == "'=HYPERLINK(1)" and row["model_version"] == "'@x"
+    assert row["study_instance_uid"] == "1.2.3"
