@@ -94,8 +94,11 @@ def _levels(analysis: Analysis) -> list[LevelResult]:
 STAGES: tuple[tuple[str, str], ...] = (
     ("acquisition", "acquired"), ("received", "last image received"),
     ("complete", "series complete"), ("queued", "queued"), ("analyzed", "analyzed"),
-    ("results_stored", "results stored"), ("sent", "sent to PACS"), ("flagged", "flagged"),
+    ("flagged", "flagged"), ("results_stored", "results stored"), ("sent", "sent to PACS"),
 )
+"""In the worker's order: the worklist flag is raised as soon as findings exist, and the SR
+and SEG follow it (``service.worker``), so the turnaround is acquisition -> flag and the
+paperwork after it is shown, not counted."""
 
 
 def turnaround(series: Series, analysis: Analysis | None,
@@ -124,7 +127,8 @@ def turnaround(series: Series, analysis: Analysis | None,
         if at is not None:
             previous = at
             last = at
-    total = (last - start).total_seconds() if last and start else None
+    end = times["flagged"] or last
+    total = (end - start).total_seconds() if end and start else None
     done = times["flagged"] is not None or (
         analysis is not None and analysis.state in (AnalysisState.DONE, AnalysisState.FAILED,
                                                     AnalysisState.NOT_ANALYZABLE)
@@ -138,7 +142,7 @@ def turnaround(series: Series, analysis: Analysis | None,
     else:
         verdict = "slower"
     receipt = series.first_received_at
-    from_receipt = (last - receipt).total_seconds() if last and receipt else None
+    from_receipt = (end - receipt).total_seconds() if end and receipt else None
     return Turnaround(stages=stages, total_s=total, from_receipt_s=from_receipt,
                       band_s=band_s, verdict=verdict,
                       start_is_acquisition=series.acquired_at is not None)

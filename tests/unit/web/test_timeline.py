@@ -23,9 +23,10 @@ def _analysis(flagged_after_s: float | None) -> Analysis:
     return Analysis(state=AnalysisState.DONE if done else AnalysisState.RUNNING,
                     queued_at=T0 + timedelta(seconds=66),
                     inferred_at=T0 + timedelta(seconds=90) if done else None,
-                    results_stored_at=T0 + timedelta(seconds=92) if done else None,
                     flagged_at=T0 + timedelta(seconds=flagged_after_s) if done else None,
-                    finished_at=T0 + timedelta(seconds=flagged_after_s) if done else None)
+                    results_stored_at=T0 + timedelta(seconds=flagged_after_s + 7) if done
+                    else None,
+                    finished_at=T0 + timedelta(seconds=flagged_after_s + 7) if done else None)
 
 
 def test_steps_totals_and_band_verdicts() -> None:
@@ -34,8 +35,12 @@ def test_steps_totals_and_band_verdicts() -> None:
     assert steps["acquisition"] == (None, 0.0)
     assert steps["received"] == (60.0, 60.0)
     assert steps["queued"] == (1.0, 66.0)
-    assert steps["sent"] == (None, None), "no export: the step after it counts from the last"
-    assert steps["flagged"] == (8.0, 100.0)
+    assert steps["flagged"] == (10.0, 100.0), "the flag follows the analysis"
+    assert steps["results_stored"] == (7.0, 107.0), "the SR and SEG follow the flag"
+    assert steps["sent"] == (None, None), "no export yet"
+    assert [s.stage for s in t.stages].index("flagged") < [s.stage for s in t.stages].index(
+        "results_stored")
+    # The turnaround ends at the flag, not at the paperwork after it.
     assert (t.total_s, t.from_receipt_s, t.verdict) == (100.0, 70.0, "faster")
     assert turnaround(_series(), _analysis(300), BAND).verdict == "within"
     assert turnaround(_series(), _analysis(481), BAND).verdict == "slower"
