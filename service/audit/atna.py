@@ -13,7 +13,11 @@ Why a forwarder and not a send inside ``record``: ``record`` runs in the caller'
 that a rollback then takes back. The forwarder reads only committed events, in id order,
 from the last one delivered (kept in ``<data_dir>/audit-syslog.offset``), and moves the
 offset after the collector took them: delivery is at least once, in order, and survives a
-collector outage. The SCP's tracker loop runs it (``service.ingest.tracker``).
+collector outage. The SCP's tracker loop runs it (``service.ingest.tracker``). Reading by id
+skips nothing: ``record`` appends under one lock held to commit (PostgreSQL advisory lock,
+SQLite's writer lock), so ids become visible in order. Each tracker keeps its own offset: a
+deployment with trackers on several hosts (several SCP pods) sends each event once per
+tracker, so set ``audit_syslog_host`` where one tracker runs.
 """
 
 from __future__ import annotations
