@@ -58,7 +58,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.tables import MppsStatus, PerformedProcedureStep, PerformedProcedureStepReference
 from service.db.types import utcnow
-from service.dicom.security import AccessPolicy, Rejection
+from service.dicom.security import AccessPolicy, Rejection, exposure_warning
 from service.ingest.bookkeeper import (
     AssociationRecord,
     AssociationRejected,
@@ -188,6 +188,9 @@ class StorageSCP:
         bound = server.server_address
         logger.info("DICOM SCP %s listening on %s:%s%s", self.settings.ae_title, bound[0],
                     bound[1], " (TLS)" if self.ssl_context else "")
+        exposure = exposure_warning(self.settings, str(bound[0]))
+        if exposure:
+            logger.warning("%s", exposure)
         return str(bound[0]), int(bound[1])
 
     @property

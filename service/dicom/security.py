@@ -84,6 +84,20 @@ class AccessPolicy:
         return any(ip.version == net.version and ip in net for net in self.allowed_networks)
 
 
+def exposure_warning(settings: Settings, host: str) -> str | None:
+    """Why a listener bound to ``host`` would take C-STOREs from anyone who reaches it, or
+    ``None``. Loopback, mutual TLS (``tls_ca_file``) or an address allowlist close it; a
+    calling-AE allowlist alone does not (an AE title is a name any peer can claim)."""
+    try:
+        loopback = ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback or (settings.tls_enabled and settings.tls_ca_file) or settings.allowed_networks:
+        return None
+    return (f"DICOM listener on {host} accepts any peer that can reach it: set "
+            "TRIAGE_ALLOWED_NETWORKS, or TLS with TRIAGE_TLS_CA_FILE (mutual TLS)")
+
+
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context of the SCP, or ``None`` when TLS is off.
 

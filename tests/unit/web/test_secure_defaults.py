@@ -56,3 +56,24 @@ def test_serve_makes_and_keeps_its_own_key(tmp_path: Path) -> None:
 
 def test_dicom_listener_defaults_to_loopback() -> None:
     assert Settings(_env_file=None).dicom_host == "127.0.0.1"  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(("host", "overrides", "open_to_all"), [
+    ("127.0.0.1", {}, False),
+    ("::1", {}, False),
+    ("0.0.0.0", {}, True),
+    ("0.0.0.0", {"allowed_calling_aes": ["PACS"]}, True),  # a name any peer can claim
+    ("0.0.0.0", {"allowed_networks": ["10.0.0.0/8"]}, False),
+    ("10.1.2.3", {"tls_enabled": True, "tls_cert_file": "c.pem", "tls_key_file": "k.pem"},
+     True),  # TLS without a client CA still lets anyone in
+    ("10.1.2.3", {"tls_enabled": True, "tls_cert_file": "c.pem", "tls_key_file": "k.pem",
+                  "tls_ca_file": "ca.pem"}, False),
+])
+def test_an_exposed_dicom_listener_is_named(host: str, overrides: dict[str, object],
+                                            open_to_all: bool) -> None:
+    from service.dicom.security import exposure_warning
+
+    warning = exposure_warning(Settings(**overrides), host)  # type: ignore[arg-type]
+    assert (warning is not None) is open_to_all
+    if warning:
+        assert host in warning and "TRIAGE_ALLOWED_NETWORKS" in warning
