@@ -258,21 +258,8 @@ class AnalysisDispatcher:
         if time.monotonic() - self._broker_checked < BROKER_CHECK_S:
             return False
         self._broker_checked = time.monotonic()
-        url = self._settings.broker_url
-        if not url or not url.startswith(("redis://", "rediss://", "unix://")):
-            return False
-        try:
-            import redis
-
-            timeout = self._settings.broker_connect_timeout_s
-            client = redis.Redis.from_url(url, socket_timeout=timeout,
-                                          socket_connect_timeout=timeout)
-            try:
-                identity = str(client.info("server")["run_id"])
-            finally:
-                client.close()
-        except Exception as exc:  # noqa: BLE001 - down: dispatch() notices and backs off
-            logger.debug("broker identity unavailable: %s", exc)
+        identity = self.broker_identity()
+        if identity is None:
             return False
         previous, self._broker_identity = self._broker_identity, identity
         if previous is None or previous == identity:
@@ -281,6 +268,26 @@ class AnalysisDispatcher:
         logger.warning("the broker restarted (run_id %s -> %s): re-sending what it may have "
                        "lost", previous[:8], identity[:8])
         return True
+
+    def broker_identity(self) -> str | None:
+        """The Redis server's ``run_id`` (new at every start); None when unknown (down, or
+        not a Redis URL)."""
+        url = self._settings.broker_url
+        if not url or not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        try:
+            import redis
+
+            timeout = self._settings.broker_connect_timeout_s
+            client = redis.Redis.from_url(url, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout)
+            try:
+                return str(client.info("server")["run_id"])
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - down: dispatch() notices and backs off
+            logger.debug("broker identity unavailable: %s", exc)
+            return None
 
     def _requeue_lost(self) -> None:
         """Every QUEUED analysis back to PENDING: its message may be gone with the broker."""
