@@ -214,7 +214,11 @@ class Settings(BaseSettings):
     """Also send a Secondary Capture key image, for viewers without SR/SEG support."""
     seg_encoding: SegEncoding = SegEncoding.NATIVE
     """SEG frame encoding: NATIVE (fast) or JPEG2000 (small); see :class:`SegEncoding`."""
-    export_max_retries: int = 5
+    export_max_retries: int = 8
+    """Tries per object and destination before FAILED. With the 10 s base backoff (doubling,
+    each wait capped at 600 s) 8 tries span 21 minutes, so a PACS down for 10 minutes gets
+    its results without an operator (5 tries spanned 150 s). The waits are in the broker,
+    not in a worker process."""
     export_retry_backoff_s: int = 10
     export_timeout_s: float = 30.0
 
