@@ -544,7 +544,10 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
                            type(exc).__name__, countdown)
             raise self.retry(exc=exc, countdown=countdown) from exc
 
-    @app.task(name=TASK_EXPORT_RESULT, bind=True, acks_late=True, queue=EXPORT_QUEUE)
+    # max_retries=None: the export rows count the tries and end FAILED themselves; Celery's
+    # own limit (3 by default) would drop a deferred export with its rows left RETRYING.
+    @app.task(name=TASK_EXPORT_RESULT, bind=True, acks_late=True, queue=EXPORT_QUEUE,
+              max_retries=None)
     def export_result(self: Task, analysis_id: int) -> dict[str, str]:
         from service.dicom.scu import ExportDeferred
 
@@ -556,7 +559,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         except ExportDeferred as deferred:
             # Rows are RETRYING and carry their attempts; the export's own limit ends them
             # FAILED, so the broker may retry without a count of its own.
-            raise self.retry(countdown=deferred.seconds, max_retries=None) from None
+            raise self.retry(countdown=deferred.seconds) from None
 
     @app.task(name=TASK_NOTIFY, bind=True, acks_late=True, queue=EXPORT_QUEUE,
               max_retries=settings.export_max_retries)
