@@ -493,6 +493,17 @@ def _announce(ctx: WorkerContext) -> None:
         logger.warning("could not announce the worker on the broker", exc_info=True)
 
 
+def _warm_results() -> None:
+    """Load what the first SR/SEG build would otherwise load inside an analysis (issue 22:
+    the flag does not wait for it, the SR in the PACS does). Best effort."""
+    try:
+        from service.results import hdcache
+
+        hdcache.warm()
+    except Exception:  # noqa: BLE001 - the first analysis loads it instead
+        logger.warning("could not preload the result builders' tables", exc_info=True)
+
+
 def create_worker_app(settings: Settings | None = None) -> Celery:
     """The Celery app with the task bodies registered (used by ``triage worker``)."""
     settings = settings or get_settings()
@@ -510,6 +521,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
     @worker_process_init.connect(weak=False)
     def _init_process(**_kwargs: Any) -> None:
         _announce(context())  # each prefork child: the processes that run the model
+        _warm_results()
 
     @worker_ready.connect(weak=False)
     def _ready(sender: Any = None, **_kwargs: Any) -> None:
@@ -518,6 +530,7 @@ def create_worker_app(settings: Settings | None = None) -> Celery:
         pool = getattr(sender, "pool", None)
         if pool is not None and "prefork" not in type(pool).__module__:
             _announce(context())
+            _warm_results()
 
     @worker_process_shutdown.connect(weak=False)
     @worker_shutdown.connect(weak=False)

@@ -59,3 +59,14 @@ def install() -> bool:
         if getattr(module, "is_attribute_in_iod", None) in (original, memo):
             module.is_attribute_in_iod = memo  # type: ignore[attr-defined]
     return True
+
+
+def warm() -> None:
+    """Load the standard's tables highdicom reads on its first SEG or SR (about 0.5 s, 1.7 s
+    on a loaded CPU), so a worker process pays it at start and not in its first analysis."""
+    install()
+    home = importlib.import_module(_MODULES[0])
+    for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        function = getattr(home, loader, None)
+        if function is not None:
+            function()

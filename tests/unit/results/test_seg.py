@@ -263,3 +263,14 @@ def test_memoized_iod_lookup_answers_as_highdicom() -> None:
             for exclude in (None, ["IconImageSequence"]):
                 assert memo(attribute, sop_class, exclude) == original(attribute, sop_class,
                                                                        exclude)
+
+
+def test_warm_loads_highdicom_tables_once() -> None:
+    import highdicom._standard_utils as standard
+
+    from service.results import hdcache
+
+    hdcache.warm()
+    hdcache.warm()
+    assert standard.get_module_attribute_map.cache_info().currsize == 1
+    assert getattr(standard.is_attribute_in_iod, "_cspine_memoized", False)
