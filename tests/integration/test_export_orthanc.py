@@ -59,9 +59,11 @@ def test_sr_and_seg_arrive_in_the_same_study_without_duplicates(
             by_uid[tags["SOPInstanceUID"]] = (instance["ID"], tags)
         seg_id, seg_tags = by_uid[study.stored[ObjectKind.SEG].sop_instance_uid]
         assert seg_tags["SOPClassUID"] == SEG_CLASS
-        # Orthanc accepts JPEG 2000: the SEG is stored as built.
-        assert server.get(f"/instances/{seg_id}/metadata?expand")["TransferSyntax"] == \
-            "1.2.840.10008.1.2.4.90"
+        # The SEG is stored as built (uncompressed by default, settings.seg_encoding), not
+        # transcoded on the way.
+        built = study.stored[ObjectKind.SEG].transfer_syntax_uid
+        assert built == "1.2.840.10008.1.2.1"
+        assert server.get(f"/instances/{seg_id}/metadata?expand")["TransferSyntax"] == built
         _sr_id, sr_tags = by_uid[study.stored[ObjectKind.SR].sop_instance_uid]
         assert sr_tags["SOPClassUID"] == SR_CLASS
         assert sr_tags["PatientID"] == "SYNTH-001"
