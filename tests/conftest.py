@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from harness.process import free_port, port_open
+from harness.process import port_open
 from harness.services import POSTGRES_ADMIN_URL, REDIS_URL, missing
 from service.config import Settings
 from service.db import migrate
-
-__all__ = ["free_port"]
-"""Re-exported for tests written before harness/ (issue 21) until 20:00 UTC; import it from
-:mod:`harness.process`."""
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_CT_DIR = Path(os.environ.get("TEST_REAL_CT_DIR",

@@ -1,6 +1,6 @@
 """The fault table (docs/reliability.md, issue 20): one test per fault, each writes its row.
 
-Every test runs the whole service as separate processes (:class:`fault_support.Stack`:
+Every test runs the whole service as separate processes (:class:`harness.faults.Stack`:
 Orthanc as the PACS, ``triage scp``, ``triage worker``, a private Redis, PostgreSQL), lets a
 synthetic modality send series, injects its fault, lets the fault end the way it ends in a
 hospital (a supervisor restarts the killed process, the server comes back, the disk is

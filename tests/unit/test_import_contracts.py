@@ -37,7 +37,7 @@ def test_contracts_are_the_designed_ones_and_unloosened() -> None:
                  for s in parser.sections() if s.startswith("importlinter:contract:")}
     assert set(contracts) == {"layers", "edge-not-model", "only-worker-runs-models",
                               "no-torch", "acyclic", "bench-not-tests", "suites-apart",
-                              "service-not-harness"}
+                              "service-not-harness", "conftest-fixtures-only"}
     for name, contract in contracts.items():
         assert "ignore_imports" not in contract, f"{name}: fix the import, do not ignore it"
     layers = [line.split() for line in contracts["layers"]["layers"].strip().splitlines()]

@@ -251,7 +251,7 @@ def multiframe_dataset(spec: SeriesSpec, frames: int, *, concatenation: tuple[in
     from pydicom.sequence import Sequence
     from pydicom.uid import EnhancedCTImageStorage, generate_uid
 
-    from tests.unit.ingest.ctdata import ct_dataset
+    from harness.data.ctdata import ct_dataset
 
     ds = ct_dataset(spec, first_frame, with_pixels=False)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
@@ -321,8 +321,8 @@ def test_concatenation_waits_for_every_part(ingest_env: IngestEnv) -> None:
 
 
 def test_stack_verdict() -> None:
+    from harness.data.ctdata import ct_dataset
     from service.ingest.tracker import stack_verdict
-    from tests.unit.ingest.ctdata import ct_dataset
 
     spec = SeriesSpec(slices=10)
     stack = [ct_dataset(spec, i, with_pixels=False) for i in range(10)]
