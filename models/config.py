@@ -17,13 +17,15 @@ SEG_CLASSES: list[str] = ["background", *VERTEBRAE, "thoracic"]
 def default_preprocessing(*, crop_size: int = 64, crop_slices: int = 16,
                           seg_spacing_mm: float = 2.5,
                           seg_field_of_view_mm: float | None = 180.0,
-                          crop_flip_average: bool = True) -> Preprocessing:
+                          crop_flip_average: bool = True,
+                          seg_antialias: bool = True) -> Preprocessing:
     windows = [Window(name=w.name, width=w.width, level=w.level) for w in DEFAULT_WINDOWS]
     return Preprocessing(
         windows=windows,
         seg_spacing_mm=seg_spacing_mm,
         seg_divisor=8,
         seg_field_of_view_mm=seg_field_of_view_mm,
+        seg_antialias=seg_antialias,
         seg_classes=SEG_CLASSES,
         min_vertebra_volume_mm3=400.0,
         crop_slices=crop_slices,
