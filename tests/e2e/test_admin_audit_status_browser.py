@@ -32,6 +32,7 @@ from service.db import migrate
 from service.db.session import make_engine, make_session_factory
 from service.db.tables import Analysis, AnalysisState, AuditEvent, Role
 from service.db.types import utcnow
+from service.model_manifest import model_version
 from service.web.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -167,8 +168,9 @@ def test_admin_finds_a_view_and_retries_a_failed_analysis(
                 admin.click("a[href='/admin/status']")
                 admin.wait_for_selector("#workers")
                 worker_row = admin.locator("[data-testid=worker]").first.inner_text()
-                assert "CPUExecutionProvider" in worker_row and "1.5.0" in worker_row, \
-                    worker_row
+                shipped = model_version(shipped_model_dir())
+                assert "CPUExecutionProvider" in worker_row and shipped in worker_row, \
+                    (shipped, worker_row)
                 row = admin.locator(f"tr[data-analysis='{failed}']")
                 assert "ONNX Runtime session lost" in row.inner_text()
                 _shot(admin, tmp_path, "admin-status")
