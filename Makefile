@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip
 
-.PHONY: run test lint typecheck demo bench audit-deps clean
+.PHONY: run test test-gpu lint typecheck demo bench audit-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(VENV)/.runtime-installed
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The `gpu` tests (CUDA execution provider), which `make test` deselects where there is none:
+# on a GPU machine with onnxruntime-gpu installed in the venv.
+test-gpu: $(VENV)/.dev-installed
+	TEST_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check service tests models bench harness setup.py

@@ -37,6 +37,49 @@ production; every Settings a test builds, and every service process a test start
 inherit the environment), gets this random key instead. A test of the refusal passes the
 placeholder explicitly."""
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def _gpu_missing() -> str | None:
+    """Why the ``gpu`` tests cannot run here, or None where onnxruntime has the CUDA provider.
+
+    ``TEST_REQUIRE_GPU=1`` (``make test-gpu``) keeps them whatever this says, so a GPU machine
+    whose CUDA provider is broken fails instead of passing without them."""
+    if os.environ.get("TEST_REQUIRE_GPU"):
+        return None
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER in ort.get_available_providers():
+        return None
+    return (f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (a CPU build or no GPU); "
+            "`make test-gpu` runs them on a GPU machine with onnxruntime-gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the ``gpu`` tests where there is no CUDA provider: they test hardware this
+    machine does not have, so they are not run (and not counted as skips); the terminal
+    summary says how many and why."""
+    reason = _gpu_missing()
+    if reason is None:
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=gpu)
+    config.stash[_GPU_DESELECTED] = (len(gpu), reason)
+
+
+_GPU_DESELECTED = pytest.StashKey[tuple[int, str]]()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    deselected = config.stash.get(_GPU_DESELECTED, None)
+    if deselected is not None:
+        count, reason = deselected
+        terminalreporter.write_line(f"GPU tests deselected: {count} ({reason})")
+
 
 @pytest.fixture(scope="session")
 def postgres_server() -> str:

@@ -3,6 +3,7 @@ certificates from a throwaway CA) as RFC 5424 messages carrying DICOM PS3.15 A.5
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -84,6 +85,10 @@ class TlsSyslogListener:
         return self.messages
 
     def close(self) -> None:
+        """Stop listening. ``shutdown`` first: on Linux a bare ``close`` leaves the socket
+        listening while the serving thread is blocked in ``accept``."""
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
 
 
@@ -194,12 +199,17 @@ def test_a_collector_outage_loses_nothing(tmp_path: Path, pki: Pki,
                                           factory: sessionmaker[Session]) -> None:
     with session_scope(factory) as session:
         record(session, "auth.login", actor="alice")
-    first = TlsSyslogListener(pki)
-    port = first.port
-    first.close()  # the collector is down
-    forwarder = AtnaForwarder(settings_for(tmp_path, pki, port))
-    with factory() as session, pytest.raises(AtnaError):
-        forwarder.forward(session)
+    # The collector is down: its port is held, bound but not listening, so nothing else can
+    # take it and every connection is refused.
+    down = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    down.bind(("127.0.0.1", 0))
+    forwarder = AtnaForwarder(settings_for(tmp_path, pki, int(down.getsockname()[1]),
+                                           audit_syslog_host="127.0.0.1"))
+    try:
+        with factory() as session, pytest.raises(AtnaError):
+            forwarder.forward(session)
+    finally:
+        down.close()
     assert forwarder.offset() == 0
     back = TlsSyslogListener(pki)
     try:

@@ -14,7 +14,7 @@ import logging
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.orm import Session
@@ -58,27 +58,28 @@ MONITORING_DAYS = 90
 DayParam = Annotated[str | None, Query(max_length=32,
                                        description="UTC day, inclusive (YYYY-MM-DD)")]
 """A day as text: the filter forms send an empty field for "any day"."""
+ApiDayParam = Annotated[date | None, Query(description="UTC day, inclusive (YYYY-MM-DD)")]
+"""A day for the JSON API: typed, so a malformed one is FastAPI's own 422 and the schema says
+``format: date``."""
 
 
-def _day(value: str | None, *, strict: bool) -> date | None:
-    """Empty means no bound; a malformed day is a 422 for the API and ignored on a page."""
+def _day(value: str | None) -> date | None:
+    """Empty means no bound; a malformed day on a page is ignored (the API types its days)."""
     if not value or not value.strip():
         return None
     try:
         return date.fromisoformat(value.strip())
     except ValueError:
-        if strict:
-            raise HTTPException(status_code=422, detail=f"not a day (YYYY-MM-DD): {value!r}"
-                                ) from None
         return None
+
+
 TextParam = Annotated[str | None, Query(max_length=64)]
 
 
 def _filters(date_from_text: str | None, date_to_text: str | None, calling_ae: str | None,
-             priority: str | None, model_version: str | None, *, today: date,
-             strict: bool = False) -> Filters:
-    date_from = _day(date_from_text, strict=strict)
-    date_to = _day(date_to_text, strict=strict)
+             priority: str | None, model_version: str | None, *, today: date) -> Filters:
+    date_from = _day(date_from_text)
+    date_to = _day(date_to_text)
     if date_from is None and date_to is None:
         date_from = today - timedelta(days=DEFAULT_DAYS - 1)
     return Filters(date_from=date_from, date_to=date_to,
@@ -113,13 +114,15 @@ def _figures(stats: Stats) -> StageFigures:
 
 @router.get("/api/turnaround", response_model=TurnaroundReport, responses=AUTH_RESPONSES)
 async def turnaround_api(request: Request, session: SessionDep, settings: SettingsDep,
-                         actor: AdminUser, date_from: DayParam = None, date_to: DayParam = None,
-                         calling_ae: TextParam = None, priority: TextParam = None,
+                         actor: AdminUser, date_from: ApiDayParam = None,
+                         date_to: ApiDayParam = None, calling_ae: TextParam = None,
+                         priority: TextParam = None,
                          model_version: TextParam = None) -> TurnaroundReport:
     """Acquisition -> flag percentiles per stage and end to end (admin only). Without a date
     range: the last seven UTC days."""
-    filters = _filters(date_from, date_to, calling_ae, priority, model_version,
-                       today=utcnow().date(), strict=True)
+    filters = _filters(date_from.isoformat() if date_from else None,
+                       date_to.isoformat() if date_to else None, calling_ae, priority,
+                       model_version, today=utcnow().date())
     summary, _choices = await run_in_threadpool(_summary, session, settings, filters, actor,
                                                 client_ip(request), "turnaround.view")
     return TurnaroundReport(
@@ -199,7 +202,7 @@ async def monitoring_page(request: Request, session: SessionDep, codec: CodecDep
                           actor: AdminPage, date_from: DayParam = None,
                           date_to: DayParam = None,
                           period: monitoring.Period = monitoring.Period.DAY) -> Response:
-    first, last = _day(date_from, strict=False), _day(date_to, strict=False)
+    first, last = _day(date_from), _day(date_to)
     if first is None and last is None:
         first = utcnow().date() - timedelta(days=MONITORING_DAYS - 1)
     result = await run_in_threadpool(_monitoring, session, actor, client_ip(request),

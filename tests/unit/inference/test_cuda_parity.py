@@ -1,8 +1,9 @@
 """The CUDA execution provider answers as the CPU provider does, on the shipped model.
 
-Runs only where onnxruntime has the CUDA provider and a GPU answers (``onnxruntime-gpu`` on a
-GPU machine; see DEVELOPERS.md for bringing the wheel over in parts); everywhere else it is
-skipped and says why. Both stages, fp32, the same random inputs, through
+Marked ``gpu``: collected only where onnxruntime has the CUDA provider (``onnxruntime-gpu`` on
+a GPU machine; see DEVELOPERS.md for bringing the wheel over in parts), deselected elsewhere
+with the reason in the summary (tests/conftest.py); ``make test-gpu`` runs them and fails
+where the provider does not start. Both stages, fp32, the same random inputs, through
 :meth:`service.inference.runtime.Stage.run` (I/O binding on the GPU, as the worker runs it).
 Tolerances: probabilities within 1e-3 absolute (cuDNN picks other convolution algorithms
 than MLAS; the export check holds torch vs CPU ORT to 1e-4), and the segmentation's arg-max
@@ -21,16 +22,15 @@ from service.shipped import model_dir
 
 CUDA = "CUDAExecutionProvider"
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.fixture(scope="module")
 def runtimes() -> tuple[ModelRuntime, ModelRuntime]:
-    if CUDA not in ort.get_available_providers():
-        pytest.skip(f"onnxruntime {ort.__version__} has no {CUDA} (CPU build or no GPU): "
-                    "install onnxruntime-gpu on a GPU machine to run this")
+    assert CUDA in ort.get_available_providers(), \
+        f"onnxruntime {ort.__version__} has no {CUDA}: install onnxruntime-gpu"
     gpu = load_runtime(Settings(execution_providers=[CUDA], use_fp16=False), model_dir())
-    if gpu.provider != CUDA:
-        pytest.skip(f"{CUDA} is installed but did not start (no usable GPU): got "
-                    f"{gpu.provider}")
+    assert gpu.provider == CUDA, f"{CUDA} is installed but did not start: got {gpu.provider}"
     cpu = load_runtime(Settings(execution_providers=["CPUExecutionProvider"]), model_dir())
     return cpu, gpu
 

@@ -203,8 +203,9 @@ def test_api_turnaround_figures(db: Any, tmp_path: Any) -> None:
         future = client.get("/api/turnaround",
                             params={"date_from": (TODAY + timedelta(days=1)).isoformat()})
         assert future.json()["counts"]["studies"] == 0
-        assert client.get("/api/turnaround", params={"date_from": "yesterday"}
-                          ).status_code == 422
+        malformed = client.get("/api/turnaround", params={"date_from": "yesterday"})
+        assert malformed.status_code == 422
+        assert malformed.json()["detail"][0]["loc"] == ["query", "date_from"]
 
 
 def create_app_for(url: str, **overrides: Any) -> Any:
