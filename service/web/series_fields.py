@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from service.db.tables import Analysis, Series
-from service.web.schemas import PlausibilityFailure
+from service.findings import VERTEBRAE
+from service.web.schemas import LevelResult, PlausibilityFailure
 
 
 def series_fields(series: Series, selected_id: int | None) -> dict[str, Any]:
@@ -39,3 +40,22 @@ def failed_rules(analysis: Analysis) -> list[PlausibilityFailure]:
     report = analysis.plausibility or {}
     return [PlausibilityFailure(**f) for f in report.get("failures", [])
             if isinstance(f, dict)]
+
+
+def level_results(analysis: Analysis) -> list[LevelResult]:
+    """Every level C1..C7 in anatomical order, for the API and the page alike: a level the
+    analysis stored no finding for is shown out of view rather than left out, so a reader
+    never mistakes a missing row for a cleared one."""
+    by_level = {f.vertebra: f for f in analysis.findings}
+    out = []
+    for vertebra in VERTEBRAE:
+        f = by_level.get(vertebra)
+        if f is None:
+            out.append(LevelResult(vertebra=vertebra, in_view=False, probability=None,
+                                   suspected=False, plausible=None))
+        else:
+            out.append(LevelResult(vertebra=f.vertebra, in_view=f.in_view,
+                                   probability=f.probability, suspected=f.suspected,
+                                   plausible=f.plausible,
+                                   reasons=[str(r) for r in f.plausibility_reasons or []]))
+    return out

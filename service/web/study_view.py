@@ -23,8 +23,8 @@ from service.results.store import ResultStore
 from service.results.uids import ObjectKind
 from service.web.auth import Actor
 from service.web.images import views_for
-from service.web.schemas import LevelResult, SeriesSummary
-from service.web.series_fields import failed_rules, series_fields
+from service.web.schemas import SeriesSummary
+from service.web.series_fields import failed_rules, level_results, series_fields
 from service.web.study_schemas import (
     AnalysisView,
     ExportView,
@@ -73,22 +73,6 @@ def current_analysis(session: Session, study: Study) -> tuple[Series | None, Ana
         if analysis is not None and (best[1] is None or analysis.created_at > best[1].created_at):
             best = (series, analysis)
     return best
-
-
-def _levels(analysis: Analysis) -> list[LevelResult]:
-    by_level = {f.vertebra: f for f in analysis.findings}
-    out = []
-    for vertebra in VERTEBRAE:
-        f = by_level.get(vertebra)
-        if f is None:
-            out.append(LevelResult(vertebra=vertebra, in_view=False, probability=None,
-                                   suspected=False, plausible=None))
-        else:
-            out.append(LevelResult(vertebra=f.vertebra, in_view=f.in_view,
-                                   probability=f.probability, suspected=f.suspected,
-                                   plausible=f.plausible,
-                                   reasons=[str(r) for r in f.plausibility_reasons or []]))
-    return out
 
 
 STAGES: tuple[tuple[str, str], ...] = (
@@ -192,7 +176,7 @@ def study_detail(session: Session, settings: Settings, study_instance_uid: str) 
             id=analysis.id, series_instance_uid=series.series_instance_uid,
             state=analysis.state, result=analysis.result, model_version=analysis.model_version,
             reason_code=analysis.reason_code, warnings=[str(w) for w in analysis.warnings or []],
-            failed_rules=failed_rules(analysis), levels=_levels(analysis),
+            failed_rules=failed_rules(analysis), levels=level_results(analysis),
             patient_probability=analysis.patient_probability,
             execution_provider=analysis.execution_provider,
             stage_durations=dict(analysis.stage_durations or {}))

@@ -18,13 +18,12 @@ from service.db.tables import Analysis, Instance, Series, SeriesState, Study
 from service.web.deps import AUTH_RESPONSES, MAX_OFFSET, NOT_FOUND, CurrentUser, SessionDep
 from service.web.schemas import (
     AnalysisSummary,
-    LevelResult,
     SeriesDetail,
     SeriesSummary,
     StudyList,
     StudySummary,
 )
-from service.web.series_fields import failed_rules, series_fields
+from service.web.series_fields import failed_rules, level_results, series_fields
 
 router = APIRouter(prefix="/api", tags=["studies"], responses=AUTH_RESPONSES)
 
@@ -78,13 +77,6 @@ def _parse_detail(raw: str | None) -> tuple[str | None, dict[str, Any]]:
     return data.get("detail"), metrics if isinstance(metrics, dict) else {}
 
 
-def _levels(analysis: Analysis) -> list[LevelResult]:
-    return [LevelResult(vertebra=f.vertebra, in_view=f.in_view, probability=f.probability,
-                        suspected=f.suspected, plausible=f.plausible,
-                        reasons=[str(r) for r in f.plausibility_reasons or []])
-            for f in sorted(analysis.findings, key=lambda f: f.vertebra)]
-
-
 def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | None:
     row = session.execute(
         select(Series, Study.study_instance_uid, Study.selected_series_id)
@@ -117,7 +109,7 @@ def series_detail(session: Session, series_instance_uid: str) -> SeriesDetail | 
             id=a.id, state=a.state, model_version=a.model_version,
             input_fingerprint=a.input_fingerprint, reason_code=a.reason_code,
             warnings=[str(w) for w in a.warnings or []], result=a.result,
-            failed_rules=failed_rules(a), levels=_levels(a),
+            failed_rules=failed_rules(a), levels=level_results(a),
             patient_probability=a.patient_probability, attempts=a.attempts,
             superseded_by_id=a.superseded_by_id, created_at=a.created_at,
             queued_at=a.queued_at, started_at=a.started_at, finished_at=a.finished_at)

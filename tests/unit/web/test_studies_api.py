@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 
 from harness.data.ctdata import SeriesSpec
 from harness.web import bearer
-from service.db.tables import Analysis
+from service.db.tables import Analysis, Finding
 from service.ingest.bookkeeper import write_batch
 from service.ingest.dispatch import AnalysisDispatcher
 from service.ingest.tracker import Tracker
@@ -72,5 +72,16 @@ def test_studies_and_series_show_states_decisions_and_times(
         assert detail["analyses"][0]["warnings"] == ["GANTRY_TILT_RESAMPLED",
                                                      "LEVELS_OUT_OF_ORDER"]
         assert detail["duplicate_conflicts"] == 0 and detail["bytes_received"] > 0
+        # Findings stored for two levels only (in reverse order): the API still lists C1..C7
+        # in anatomical order, the others out of view, as the study page does.
+        with env.factory() as session, session.begin():
+            for vertebra, probability in (("C5", 0.2), ("C2", 0.9)):
+                session.add(Finding(analysis_id=detail["analyses"][0]["id"], vertebra=vertebra,
+                                    in_view=True, probability=probability, suspected=False,
+                                    plausible=True))
+        levels = client.get(f"/api/series/{good.series_uid}").json()["analyses"][0]["levels"]
+        assert [(lv["vertebra"], lv["in_view"], lv["probability"]) for lv in levels] == [
+            ("C1", False, None), ("C2", True, 0.9), ("C3", False, None), ("C4", False, None),
+            ("C5", True, 0.2), ("C6", False, None), ("C7", False, None)]
         assert client.get("/api/series/1.2.3.404").status_code == 404
         assert client.get("/api/studies", params={"limit": 0}).status_code == 422
