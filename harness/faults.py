@@ -305,7 +305,10 @@ class Stack:
         for worker in self.workers:
             print(worker.log, worker.output()[-3000:])
         if self.scp is not None:
-            print(self.scp.log.read_text(errors="replace")[-3000:])
+            text = self.scp.log.read_text(errors="replace")
+            print("\n".join([line for line in text.splitlines()
+                             if "ERROR" in line or "bookkeeping" in line][-50:]))
+            print(text[-3000:])
 
     # --- the check ---------------------------------------------------------------------------
     def verify(self, cases: Sequence[Case], deliveries: Sequence[Delivery]) -> Verdict:
@@ -347,12 +350,21 @@ class Stack:
             seg += counts.get(SEG_MODALITY, 0)
             exports_sent &= bool(self.export_states(case)) and all(
                 s is ExportState.SENT for s in self.export_states(case))
-        return Verdict(acknowledged=len(acknowledged), on_disk=on_disk, in_db=len(rows),
-                       series=len(cases), analysed_once=analysed_once, superseded=superseded,
-                       studies_in_db=studies, sr_in_pacs=sr, seg_in_pacs=seg,
-                       exports_sent=exports_sent,
-                       max_attempts=max((a.attempts for c in cases for a in self.analyses(c)),
-                                        default=0))
+        verdict = Verdict(acknowledged=len(acknowledged), on_disk=on_disk, in_db=len(rows),
+                          series=len(cases), analysed_once=analysed_once,
+                          superseded=superseded, studies_in_db=studies, sr_in_pacs=sr,
+                          seg_in_pacs=seg, exports_sent=exports_sent,
+                          max_attempts=max((a.attempts for c in cases
+                                            for a in self.analyses(c)), default=0))
+        if verdict.problems():
+            # Shown by pytest with the failure: which instances, and the processes' own words.
+            missing = sorted(acknowledged - set(rows))
+            print("acknowledged, no row:", missing[:20])
+            for uid in missing[:5]:
+                for d in deliveries:
+                    print(uid, "status", d.statuses.get(uid))
+            self.dump(cases)
+        return verdict
 
 
 @dataclass
