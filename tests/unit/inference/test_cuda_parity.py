@@ -1,7 +1,7 @@
 """The CUDA execution provider answers as the CPU provider does, on the shipped model.
 
 Marked ``gpu``: collected only where onnxruntime has the CUDA provider (``onnxruntime-gpu`` on
-a GPU machine; see DEVELOPERS.md for bringing the wheel over in parts), deselected elsewhere
+a GPU machine; README.md, "Deployment", for the GPU image), deselected elsewhere
 with the reason in the summary (tests/conftest.py); ``make test-gpu`` runs them and fails
 where the provider does not start. Both stages, fp32, the same random inputs, through
 :meth:`service.inference.runtime.Stage.run` (I/O binding on the GPU, as the worker runs it).
