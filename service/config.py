@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     """When set, peers must present a certificate signed by this CA (mutual TLS)."""
     ingest_batch_interval_s: float = 0.2
     """How often buffered instance rows are flushed to the database by the SCP."""
+    max_inflated_dataset_mb: int = Field(default=512, ge=1)
+    """Largest size a C-STORE in a Deflated transfer syntax may inflate to; beyond it the SCP
+    answers 0xC210 while inflating, before the rest is allocated (a decompression bomb: one
+    megabyte of deflated zeros is a gigabyte inflated). Deflate carries SR and small images
+    in practice, far below the default 512 MiB."""
     spool_min_free_mb: int = Field(default=256, ge=0)
     """Answer C-STORE with 0xA700 (out of resources) when the spool filesystem has less free
     space than this, instead of filling the disk the database and the OS also need."""
@@ -173,6 +178,13 @@ class Settings(BaseSettings):
     min_slices: int = 20
     max_gantry_tilt_deg: float = Field(default=30.0, ge=0.0, le=60.0)
     """Gantry tilts up to this are resampled to an axial grid; larger ones are refused."""
+    max_volume_voxels: int = Field(default=1 << 30, ge=1)
+    """Largest series the worker loads, in voxels (slices x Rows x Columns): a larger one is
+    refused as ``VOLUME_TOO_LARGE`` from its headers, before any pixel array is allocated.
+    Rows and Columns are whatever the sender wrote (up to 65535 each), so without a bound a
+    hostile or broken header makes the worker allocate tens of gigabytes. The default, 2**30
+    (2 GiB of int16 HU, 4 GiB of float32), holds 4096 slices of 512 x 512 or 1024 of
+    1024 x 1024, far beyond a cervical-spine CT."""
     dicom_timezone: str = "UTC"
     """IANA timezone of naive DICOM dates/times (Timezone Offset From UTC in a header wins)."""
 

@@ -92,6 +92,9 @@ class SeriesReason(StrEnum):
     Number."""
     UNDECODABLE_PIXEL_DATA = "UNDECODABLE_PIXEL_DATA"
     """load: pixel data that no installed handler decodes, or of the wrong size."""
+    VOLUME_TOO_LARGE = "VOLUME_TOO_LARGE"
+    """load: slices x Rows x Columns beyond the configured voxel limit (``max_volume_voxels``):
+    refused from the headers, before the volume is allocated."""
     NO_CERVICAL_SPINE = "NO_CERVICAL_SPINE"
     """scope: no cervical vertebra in view after segmentation (a chest-only field of view, a
     head CT ending above C1): outside the service's scope, not a negative."""

@@ -293,7 +293,8 @@ class StorageSCP:
         transfer_syntax = event.context.transfer_syntax
         dataset_bytes = cast(BytesIO, request.DataSet).getvalue()
         try:
-            keys = scan_dataset(dataset_bytes, transfer_syntax)
+            keys = scan_dataset(dataset_bytes, transfer_syntax,
+                                max_inflated_bytes=self.settings.max_inflated_dataset_mb << 20)
         except UndecodableDataset as exc:
             logger.warning("undecodable dataset from %s: %s", stats.calling_ae, exc)
             stats.failed(STATUS_CANNOT_UNDERSTAND)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone, tzinfo
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
@@ -438,6 +440,9 @@ class FrameDecoder:
         opts = self._options(instance)
         handle = open(instance.path, "rb")  # noqa: SIM115 - closed below
         try:
+            if instance.transfer_syntax.is_encapsulated:
+                handle.seek(instance.pixel_offset)
+                check_encoded_frames(handle, instance, wanted)
             if instance.transfer_syntax.is_encapsulated or len(wanted) > 1:
                 handle.seek(instance.pixel_offset)
                 for index, (arr, _) in zip(
@@ -474,6 +479,80 @@ class FrameDecoder:
         if arr.shape != expected:
             raise ValueError(f"decoded shape {arr.shape}, header says {expected}")
         return arr
+
+
+_HEADER_SCAN = 64 * 1024
+"""Bytes of an encoded frame searched for its image header (JPEG 2000 SIZ, JPEG SOF)."""
+_J2K_SIZ = b"\xff\x4f\xff\x51"
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                       0xCE, 0xCF, 0xF7})
+"""Start-of-frame markers: the JPEG processes of PS3.5 A.4 and JPEG-LS (SOF55, 0xF7)."""
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def encoded_frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) that a JPEG-family frame's own header declares.
+
+    ``None`` for other encodings (RLE, whose decoded size is Rows x Columns by definition).
+    Raises ``ValueError`` for a JPEG or JPEG 2000 frame whose header is missing or cut short.
+    """
+    head = frame[:_HEADER_SCAN]
+    if head.startswith(_J2K_SIZ) or head.startswith(_JP2_SIGNATURE):
+        at = head.find(_J2K_SIZ)
+        if at < 0 or len(head) < at + 42:
+            raise ValueError("JPEG 2000 frame without a complete SIZ marker")
+        # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz Csiz (ISO 15444-1 A.5.1)
+        xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">LLLL", head, at + 8)
+        (csiz,) = struct.unpack_from(">H", head, at + 40)
+        return int(ysiz) - int(yosiz), int(xsiz) - int(xosiz), int(csiz)
+    if head.startswith(b"\xff\xd8"):
+        off = 2
+        while off + 4 <= len(head):
+            if head[off] != 0xFF:
+                raise ValueError(f"JPEG frame: no marker at byte {off}")
+            marker = head[off + 1]
+            if marker == 0xFF:
+                off += 1
+                continue
+            if marker in _JPEG_STANDALONE:
+                off += 2
+                continue
+            if marker == 0xDA:
+                break
+            (length,) = struct.unpack_from(">H", head, off + 2)
+            if marker in _JPEG_SOF:
+                if off + 10 > len(head):
+                    break
+                rows, columns = struct.unpack_from(">HH", head, off + 5)
+                return int(rows), int(columns), int(head[off + 9])
+            off += 2 + int(length)
+        raise ValueError("JPEG frame without a frame header (SOF)")
+    return None
+
+
+def check_encoded_frames(handle: Any, instance: SourceInstance, indices: list[int]) -> None:
+    """Refuse, before decoding, frames whose own header states another size than the dataset.
+
+    A JPEG 2000 or JPEG-LS header is a few bytes that the decoder trusts: a 500-byte frame
+    declaring 60000 x 60000 makes OpenJPEG allocate gigabytes (and spend seconds) before it
+    fails. Rows, Columns and Samples per Pixel are bounded by the loader's voxel limit, so
+    agreeing with them bounds the decode. ``handle`` is positioned at the Pixel Data value.
+    Raises ``ValueError`` (the loader's ``UNDECODABLE_PIXEL_DATA``).
+    """
+    wanted = set(indices)
+    expected = (instance.rows, instance.columns, instance.samples_per_pixel)
+    frames = generate_frames(handle, number_of_frames=instance.number_of_frames)
+    for index, frame in enumerate(frames):
+        if index in wanted:
+            declared = encoded_frame_size(frame)
+            if declared is not None and declared != expected:
+                raise ValueError(
+                    f"frame {index + 1} declares {declared[0]}x{declared[1]} with "
+                    f"{declared[2]} component(s); the header says {expected[0]}x{expected[1]} "
+                    f"with {expected[2]}")
+        if index >= max(wanted, default=-1):
+            return
 
 
 # --------------------------------------------------------------------------- acquisition time

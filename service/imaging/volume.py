@@ -69,6 +69,8 @@ DEFAULT_MIN_SLICES = 20
 DEFAULT_MAX_GANTRY_TILT_DEG = 30.0
 DEFAULT_MAX_GAP_RATIO = 1.5
 DEFAULT_MAX_OBLIQUITY_DEG = 45.0
+DEFAULT_MAX_VOXELS = 1 << 30
+"""Voxel limit of :func:`load_volume` when the caller gives none (``max_volume_voxels``)."""
 
 
 @dataclass
@@ -132,6 +134,7 @@ def load_series(paths: Sequence[Path], settings: Settings) -> Volume:
         max_gantry_tilt_deg=settings.max_gantry_tilt_deg,
         min_slices=settings.min_slices,
         default_timezone=site_timezone(settings.dicom_timezone),
+        max_voxels=settings.max_volume_voxels,
     )
 
 
@@ -152,6 +155,7 @@ def load_volume(
     max_gap_ratio: float = DEFAULT_MAX_GAP_RATIO,
     max_obliquity_deg: float = DEFAULT_MAX_OBLIQUITY_DEG,
     default_timezone: tzinfo = UTC,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> Volume:
     """Load the instances of one series into a :class:`Volume`, or raise ``VolumeError``.
 
@@ -165,6 +169,10 @@ def load_volume(
     larger than this times the median spacing means missing slices. ``max_obliquity_deg``:
     a slice normal further than this from the head-foot axis is not axial.
     ``default_timezone``: the timezone of naive DICOM dates and times.
+    ``max_voxels``: a series of more slices x Rows x Columns is refused (``VOLUME_TOO_LARGE``)
+    from its headers, before the volume is allocated; an encoded frame whose own header
+    states another size than Rows x Columns is refused (``UNDECODABLE_PIXEL_DATA``) before it
+    is decoded, so a small file cannot make the decoder allocate gigabytes.
     """
     if min_slices < 2:
         raise ValueError("min_slices must be at least 2 (spacing needs two slices)")
@@ -175,6 +183,7 @@ def load_volume(
         max_gap_ratio=max_gap_ratio,
         max_obliquity_deg=max_obliquity_deg,
         default_timezone=default_timezone,
+        max_voxels=max_voxels,
     )
     volume = loader.load([Path(p) for p in paths])
     logger.info(
@@ -208,7 +217,9 @@ class _Loader:
         max_gap_ratio: float,
         max_obliquity_deg: float,
         default_timezone: tzinfo,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
     ) -> None:
+        self.max_voxels = max_voxels
         self.max_tilt = max_gantry_tilt_deg
         self.min_slices = min_slices
         self.max_gap_ratio = max_gap_ratio
@@ -342,7 +353,22 @@ class _Loader:
         if len(matrices) > 1:
             listed = ", ".join(f"{r}x{c}" for r, c in matrices)
             raise VolumeError(SeriesReason.INCONSISTENT_MATRIX, f"matrices {listed}")
+        self._check_size(len(frames), matrices[0], "frames")
         return matrices[0]
+
+    def _check_size(self, slices: int, matrix: tuple[int, int], what: str) -> None:
+        """Refuse a series whose declared size exceeds the voxel limit, before allocating.
+
+        Checked on the frames as listed (early: no geometry work on a hostile series) and
+        again on the distinct slices just before the volume is allocated.
+        """
+        voxels = slices * matrix[0] * matrix[1]
+        if voxels > self.max_voxels:
+            raise VolumeError(
+                SeriesReason.VOLUME_TOO_LARGE,
+                f"{slices} {what} of {matrix[0]}x{matrix[1]} = {voxels} voxels, above the "
+                f"limit of {self.max_voxels}",
+            )
 
     def _orientation(self, frames: list[SourceFrame]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with_iop = [f for f in frames if f.iop is not None
@@ -569,6 +595,7 @@ class _Loader:
         everything = [f for slot in slots for f in (slot.frame, *slot.duplicates)]
         integral = all(_is_integer(f.slope) and _is_integer(f.intercept) for f in everything)
         dtype = np.int16 if integral else np.float32
+        self._check_size(len(slots), matrix, "slices")
         hu = np.empty((len(slots), *matrix), dtype=dtype)
         by_instance: dict[int, tuple[SourceInstance, dict[int, int]]] = {}
         for z, slot in enumerate(slots):

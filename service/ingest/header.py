@@ -16,7 +16,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.valuerep import DA, DT, TM
 
 logger = logging.getLogger(__name__)
@@ -26,19 +26,27 @@ class UnreadableHeader(ValueError):
     """A spool file whose header pydicom cannot read."""
 
 
+_PARSE_ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
+                 BytesLengthException, NotImplementedError)
+"""What pydicom raises on a structurally valid dataset with hostile values: the parse
+converts Specific Character Set eagerly, and a wrong VR on it (``UL`` holding
+``ISO_IR 100``) raises ``BytesLengthException``, which is no ``ValueError``. Uncaught, one
+such instance failed every tracker tick (the tracker retries forever) until it was removed."""
+
+
 def read_header_bytes(data: bytes) -> Dataset:
     """Parse a Part 10 byte string up to (not including) the pixel data."""
     try:
         return dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except (*_PARSE_ERRORS, OSError) as exc:
         raise UnreadableHeader(str(exc)) from exc
 
 
 def read_header(path: Path) -> Dataset:
-    """Parse a spool file's header (pixel data not read)."""
+    """Parse a spool file's header (pixel data not read); ``OSError`` passes through."""
     try:
         return dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except _PARSE_ERRORS as exc:
         raise UnreadableHeader(f"{path.name}: {exc}") from exc
 
 
@@ -103,6 +111,9 @@ def _tz_from_offset(ds: Dataset) -> timezone | None:
     raw = text(ds, "TimezoneOffsetFromUTC")
     if not raw or len(raw) != 5 or raw[0] not in "+-" or not raw[1:].isdigit():
         return None
+    if int(raw[1:3]) > 14 or int(raw[3:5]) > 59:
+        # Real offsets run from -12:00 to +14:00; "+9999" would make timezone() raise.
+        return None
     minutes = int(raw[1:3]) * 60 + int(raw[3:5])
     return timezone(timedelta(minutes=minutes if raw[0] == "+" else -minutes))
 
@@ -113,7 +124,7 @@ def _combine(day: str | None, clock: str | None, tz: timezone | None) -> datetim
     try:
         parsed_day: date = DA(day)
         parsed_time: time = TM(clock) if clock else time(0, 0)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return None
     if parsed_day is None:
         return None
@@ -121,12 +132,21 @@ def _combine(day: str | None, clock: str | None, tz: timezone | None) -> datetim
     return _aware(moment, tz)
 
 
-def _aware(moment: datetime, tz: timezone | None) -> datetime:
-    if moment.tzinfo is None:
-        # DICOM dates carry no zone unless Timezone Offset From UTC says so: the scanner and
-        # this service are assumed to share the site's local time zone.
-        moment = moment.replace(tzinfo=tz) if tz else moment.astimezone()
-    return moment.astimezone(UTC)
+def _aware(moment: datetime, tz: timezone | None) -> datetime | None:
+    """``moment`` as aware UTC, or ``None`` when it has no UTC equivalent.
+
+    Dates at the ends of the calendar (``00010101``, ``99991231`` with an offset, which
+    de-identification tools and broken modalities write) overflow when shifted to UTC; such
+    a value says nothing about when the images were taken.
+    """
+    try:
+        if moment.tzinfo is None:
+            # DICOM dates carry no zone unless Timezone Offset From UTC says so: the scanner
+            # and this service are assumed to share the site's local time zone.
+            moment = moment.replace(tzinfo=tz) if tz else moment.astimezone()
+        return moment.astimezone(UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def acquisition_time(ds: Dataset) -> datetime | None:
@@ -139,10 +159,12 @@ def acquisition_time(ds: Dataset) -> datetime | None:
         try:
             parsed = DT(raw_dt)
             if parsed is not None:
-                return _aware(datetime(parsed.year, parsed.month, parsed.day, parsed.hour,
-                                       parsed.minute, parsed.second, parsed.microsecond,
-                                       parsed.tzinfo), tz)
-        except (ValueError, TypeError):
+                moment = _aware(datetime(parsed.year, parsed.month, parsed.day, parsed.hour,
+                                         parsed.minute, parsed.second, parsed.microsecond,
+                                         parsed.tzinfo), tz)
+                if moment is not None:
+                    return moment
+        except (ValueError, TypeError, OverflowError):
             pass
     for day_kw, time_kw in (("AcquisitionDate", "AcquisitionTime"),
                             ("ContentDate", "ContentTime"),

@@ -62,6 +62,10 @@ _MAX_CAPTURED = 1024
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _MAX_DEPTH = 32
+MAX_INFLATED_BYTES = 512 << 20
+"""Default bound on what a Deflated dataset may inflate to on the hot path (512 MiB; the SCP
+passes ``max_inflated_dataset_mb``). A megabyte of deflated zeros inflates to a gigabyte,
+so without a bound one small C-STORE makes the receiver allocate gigabytes."""
 
 
 class UndecodableDataset(ValueError):
@@ -200,19 +204,32 @@ def _text(element: tuple[str | None, bytes] | None) -> str:
     return element[1].rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
 
 
-def scan_dataset(data: bytes, transfer_syntax: str) -> DatasetKeys:
+def _inflate(data: bytes, max_bytes: int) -> bytes:
+    """Inflate a raw deflate stream, refusing one that would grow beyond ``max_bytes``."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise UndecodableDataset(f"deflated dataset does not inflate: {exc}") from exc
+    if len(out) > max_bytes:
+        raise UndecodableDataset(f"deflated dataset inflates beyond {max_bytes} bytes")
+    if not inflater.eof:
+        raise UndecodableDataset("deflated dataset does not inflate: stream cut short")
+    return out
+
+
+def scan_dataset(data: bytes, transfer_syntax: str, *,
+                 max_inflated_bytes: int = MAX_INFLATED_BYTES) -> DatasetKeys:
     """Check that ``data`` (a dataset *without* file meta, encoded in ``transfer_syntax``)
     is structurally complete, and return its identifying UIDs.
 
     Raises :class:`UndecodableDataset` for bytes that are not DICOM, a dataset cut short,
-    or a deflated stream that does not inflate.
+    or a deflated stream that does not inflate or inflates beyond ``max_inflated_bytes``
+    (a decompression bomb: refused while inflating, never allocated).
     """
     syntax = UID(transfer_syntax)
     if syntax.is_deflated:
-        try:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise UndecodableDataset(f"deflated dataset does not inflate: {exc}") from exc
+        data = _inflate(data, max_inflated_bytes)
     if not data:
         raise UndecodableDataset("empty dataset")
     implicit = syntax.is_implicit_VR if syntax.is_transfer_syntax else False

@@ -769,3 +769,71 @@ def test_site_timezone_setting_is_validated(settings_factory) -> None:  # type: 
     assert site_timezone("Europe/Paris").utcoffset(datetime(2024, 7, 1)) == timedelta(hours=2)
     with pytest.raises(ValidationError):
         settings_factory(dicom_timezone="Mars/Olympus_Mons")
+
+
+# --------------------------------------------------------------------------- hostile sizes
+
+
+def test_huge_declared_matrix_refused_before_allocating(series_dir: Path) -> None:
+    """Fuzzing (tests/fuzz): Rows = Columns = 65535 on tiny files made the loader allocate
+    slices x 65535 x 65535 (MemoryError or gigabytes) before the first decode failed."""
+    import tracemalloc
+
+    def huge(k: int, ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 65535
+
+    paths = write_series(series_dir, SeriesSpec(), mutate=huge)
+    tracemalloc.start()
+    try:
+        error = reason_of(paths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.reason is SeriesReason.VOLUME_TOO_LARGE
+    assert "65535x65535" in error.detail and peak < 32 << 20
+
+
+def test_voxel_limit_comes_from_the_settings(series_dir: Path, tmp_path: Path) -> None:
+    from service.config import Settings
+
+    spec = SeriesSpec()
+    paths = write_series(series_dir, spec)
+    limit = spec.n_slices * spec.rows * spec.cols
+    assert load_series(paths, Settings(data_dir=tmp_path, min_slices=2,
+                                       max_volume_voxels=limit)).shape[0] == spec.n_slices
+    with pytest.raises(VolumeError) as info:
+        load_series(paths, Settings(data_dir=tmp_path, min_slices=2,
+                                    max_volume_voxels=limit - 1))
+    assert info.value.reason is SeriesReason.VOLUME_TOO_LARGE
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless])
+def test_frame_declaring_a_huge_image_refused_before_decoding(series_dir: Path,
+                                                               syntax: UID) -> None:
+    """Fuzzing (tests/fuzz): a 500-byte JPEG 2000 frame whose SIZ declares 60000 x 60000 made
+    OpenJPEG allocate 7 GB and spend 24 s before failing; JPEG-LS likewise through its SOF.
+    The frame's own header is now checked against Rows x Columns first."""
+    import resource
+    import struct
+    import time
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    paths = write_series(series_dir, SeriesSpec(transfer_syntax=syntax))
+    ds = pydicom.dcmread(paths[5])
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    if syntax == JPEG2000Lossless:
+        at = bytes(frame).find(b"\xff\x4f\xff\x51")
+        struct.pack_into(">LLLLLL", frame, at + 8, 60000, 60000, 0, 0, 60000, 60000)
+    else:
+        at = bytes(frame).find(b"\xff\xf7")
+        struct.pack_into(">HH", frame, at + 5, 60000, 60000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(paths[5], enforce_file_format=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    error = reason_of(paths)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
+    assert "declares 60000x60000" in error.detail
+    assert grown_mb < 200 and time.perf_counter() - started < 5

@@ -47,3 +47,45 @@ def test_the_real_chest_ct_header(real_chest_ct_dir: Path) -> None:
     assert header.study_date is None
     assert header.body_part_examined == "CHEST"
     assert header.acquired_at is not None and header.acquired_at.year == 2017
+
+
+def test_dates_at_the_ends_of_the_calendar_are_no_time() -> None:
+    """Fuzzing (tests/fuzz): ``00010101`` (year 0 in local time) and ``+1400`` on it
+    overflowed in the shift to UTC and an offset ``+9999`` made ``timezone()`` raise, out of
+    the bookkeeper's ``prepare`` (the instance's row was lost until a rebuild)."""
+    for elements in (
+        {0x00080020: ("DA", b"00010101")},
+        {0x00080020: ("DA", b"00010101"), 0x00080201: ("SH", b"+1400")},
+        {0x0008002A: ("DT", b"00010101000000+1400")},
+    ):
+        header = InstanceHeader.per_instance(elements, study_uid="1.2", series_uid="1.2.3",
+                                             sop_uid="1.2.3.4", transfer_syntax_uid=None)
+        assert header.acquired_at is None, elements
+    offset_nonsense = InstanceHeader.per_instance(
+        {0x00080020: ("DA", b"20240101"), 0x00080201: ("SH", b"+9999")}, study_uid="1.2",
+        series_uid="1.2.3", sop_uid="1.2.3.4", transfer_syntax_uid=None)
+    assert offset_nonsense.acquired_at is not None  # the impossible offset is ignored
+    ds = _ds(StudyDate="00010101", TimezoneOffsetFromUTC="+1400")
+    assert InstanceHeader.from_dataset(ds).acquired_at is None
+    ds = _ds(StudyDate="20240101", StudyTime="120000", TimezoneOffsetFromUTC="+9999")
+    assert InstanceHeader.from_dataset(ds).acquired_at is not None  # offset ignored
+
+
+def test_wrong_vr_on_the_character_set_is_an_unreadable_header(tmp_path: Path) -> None:
+    """Fuzzing (tests/fuzz): Specific Character Set stored as UL made pydicom raise
+    ``BytesLengthException`` (no ``ValueError``) out of ``read_header``, so every tracker tick
+    failed on that one spool file."""
+    import pytest
+
+    from service.ingest.header import UnreadableHeader, read_header, read_header_bytes
+    from service.ingest.validate import file_meta_prefix
+
+    body = b"\x08\x00\x05\x00UL\x0a\x00ISO_IR 100"
+    data = file_meta_prefix("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1",
+                            "1.2.3", "T") + body
+    with pytest.raises(UnreadableHeader):
+        read_header_bytes(data)
+    path = tmp_path / "x.dcm"
+    path.write_bytes(data)
+    with pytest.raises(UnreadableHeader):
+        read_header(path)

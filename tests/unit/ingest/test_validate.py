@@ -132,3 +132,27 @@ def test_real_scanner_file_passes(real_ct_dir) -> None:  # type: ignore[no-untyp
     keys = scan_dataset(raw[meta_end:], ds.file_meta.TransferSyntaxUID)
     assert keys.sop_instance_uid == ds.SOPInstanceUID
     assert keys.has_pixel_data
+
+
+def test_deflate_bomb_refused_while_inflating() -> None:
+    """Fuzzing (tests/fuzz): 16 KiB of deflated zeros inflated whole to 16 MiB on the hot path;
+    beyond ``max_inflated_bytes`` the walk now refuses without holding the rest."""
+    import tracemalloc
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = packer.compress(b"\x00" * (16 << 20)) + packer.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(UndecodableDataset, match="inflates beyond"):
+            scan_dataset(bomb, DeflatedExplicitVRLittleEndian, max_inflated_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(bomb) < 20_000 and peak < 4 << 20
+
+
+def test_deflated_stream_cut_short_is_undecodable() -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = packer.compress(b"\x08\x00\x16\x00UI\x04\x001.2\x00" * 100) + packer.flush()
+    with pytest.raises(UndecodableDataset, match="does not inflate"):
+        scan_dataset(stream[:-4], DeflatedExplicitVRLittleEndian)
