@@ -1,0 +1,19 @@
+"""Header parsing on hostile element values: dates at the ends of the calendar, impossible
+offsets, numbers that are not, huge strings, wrong VRs. ``InstanceHeader`` never raises (a
+malformed optional attribute becomes ``None``); ``read_header_bytes`` raises only
+``UnreadableHeader``."""
+
+from __future__ import annotations
+
+from hypothesis import given
+
+from harness.fuzz import check_header, header_elements
+
+from .conftest import fuzz
+
+
+@fuzz(400)
+@given(header_elements())
+def test_header_values_never_raise_but_the_declared_exception(
+        elements: dict[int, tuple[str | None, bytes]]) -> None:
+    check_header(elements)

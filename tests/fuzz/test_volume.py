@@ -1,0 +1,26 @@
+"""The volume loader on hostile series: huge declared matrices, frame counts and bit depths,
+pixel data of the wrong length, truncated and corrupt JPEG 2000 / JPEG-LS / RLE frames, and
+frames whose own header declares an enormous image (decompression bombs). Each load gives a
+volume or a ``SeriesReason``, never another exception, within a memory bound set by the
+voxel limit (tracemalloc, numpy included) and 256 MB of untraced decoder memory."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+
+from harness.fuzz import SeriesCase, check_volume, series_cases, write_series_case
+
+from .conftest import fuzz
+
+
+@fuzz(80)
+@given(series_cases())
+def test_loader_refuses_with_a_reason_and_bounded_memory(
+        tmp_path_factory: pytest.TempPathFactory, case: SeriesCase) -> None:
+    directory = tmp_path_factory.getbasetemp() / "series" / uuid.uuid4().hex
+    paths = write_series_case(case, Path(directory))
+    check_volume(case, paths)
