@@ -442,7 +442,7 @@ class FrameDecoder:
         try:
             if instance.transfer_syntax.is_encapsulated:
                 handle.seek(instance.pixel_offset)
-                check_encoded_frames(handle, instance, wanted)
+                check_encoded_frames(handle, instance, wanted, opts.get("extended_offsets"))
             if instance.transfer_syntax.is_encapsulated or len(wanted) > 1:
                 handle.seek(instance.pixel_offset)
                 for index, (arr, _) in zip(
@@ -531,18 +531,21 @@ def encoded_frame_size(frame: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def check_encoded_frames(handle: Any, instance: SourceInstance, indices: list[int]) -> None:
+def check_encoded_frames(handle: Any, instance: SourceInstance, indices: list[int],
+                         extended_offsets: Any = None) -> None:
     """Refuse, before decoding, frames whose own header states another size than the dataset.
 
     A JPEG 2000 or JPEG-LS header is a few bytes that the decoder trusts: a 500-byte frame
     declaring 60000 x 60000 makes OpenJPEG allocate gigabytes (and spend seconds) before it
     fails. Rows, Columns and Samples per Pixel are bounded by the loader's voxel limit, so
-    agreeing with them bounds the decode. ``handle`` is positioned at the Pixel Data value.
+    agreeing with them bounds the decode. ``handle`` is positioned at the Pixel Data value;
+    ``extended_offsets`` is the Extended Offset Table pair, as the decoder gets it.
     Raises ``ValueError`` (the loader's ``UNDECODABLE_PIXEL_DATA``).
     """
     wanted = set(indices)
     expected = (instance.rows, instance.columns, instance.samples_per_pixel)
-    frames = generate_frames(handle, number_of_frames=instance.number_of_frames)
+    frames = generate_frames(handle, number_of_frames=instance.number_of_frames,
+                             extended_offsets=extended_offsets)
     for index, frame in enumerate(frames):
         if index in wanted:
             declared = encoded_frame_size(frame)

@@ -837,3 +837,23 @@ def test_frame_declaring_a_huge_image_refused_before_decoding(series_dir: Path,
     assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
     assert "declares 60000x60000" in error.detail
     assert grown_mb < 200 and time.perf_counter() - started < 5
+
+
+def test_multiframe_frame_declaring_a_huge_image_refused(series_dir: Path) -> None:
+    """The frame-header check covers every frame of an Enhanced CT, with an offset table."""
+    import struct
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    spec = SeriesSpec(transfer_syntax=JPEG2000Lossless)
+    path = write_enhanced_ct(series_dir, spec)
+    ds = pydicom.dcmread(path)
+    frames = [bytearray(f) for f in generate_frames(ds.PixelData,
+                                                    number_of_frames=spec.n_slices)]
+    at = bytes(frames[7]).find(b"\xff\x4f\xff\x51")
+    struct.pack_into(">LL", frames[7], at + 8, 40000, 40000)
+    ds.PixelData = encapsulate([bytes(f) for f in frames], has_bot=True)
+    ds.save_as(path, enforce_file_format=True)
+    error = reason_of([path])
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
+    assert "frame 8 declares 40000x40000" in error.detail
