@@ -44,7 +44,7 @@ def _run_given(strategy: Any, body: Callable[[Any], str], examples: int,
     """Run ``body`` on ``examples`` hypothesis examples; tally outcomes, collect crashes."""
     from hypothesis import HealthCheck, given, settings
 
-    from harness.fuzz import PropertyViolation
+    from harness.fuzz import PropertyViolation, pass_interrupts
 
     outcomes: Counter[str] = Counter()
     crashes: list[str] = []
@@ -58,7 +58,8 @@ def _run_given(strategy: Any, body: Callable[[Any], str], examples: int,
         except PropertyViolation as exc:
             outcomes["CRASH"] += 1
             crashes.append(str(exc)[:300])
-        except Exception as exc:  # noqa: BLE001 - a crash of the harness counts too
+        except BaseException as exc:  # noqa: BLE001 - a crash of the harness counts too
+            pass_interrupts(exc)
             outcomes["CRASH"] += 1
             crashes.append(f"{type(exc).__name__}: {exc}"[:300])
 

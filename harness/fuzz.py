@@ -91,6 +91,13 @@ def bounded(what: str, *, max_bytes: int, max_seconds: float) -> Iterator[None]:
         raise PropertyViolation(f"{what}: took {elapsed:.2f} s, bound {max_seconds} s")
 
 
+def pass_interrupts(exc: BaseException) -> None:
+    """Re-raise what ends the run (Ctrl-C, exit); every other exception is a finding, even
+    one that is no ``Exception`` (pyo3's PanicException from a Rust decoder)."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        raise exc
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -306,14 +313,19 @@ def mutations(draw: st.DrawFn, *, bomb_bytes: int = 16 * MIB) -> Mutation:
     elif kind == "uid_mismatch":
         uid = generate_uid()
         detail, must_fail = "request names another SOP Instance UID", True
-    else:  # deflate_bomb
-        if not base.deflated:
-            syntax = DeflatedExplicitVRLittleEndian
-            base = original(syntax)
-        plain = base.plain + b"\x00" * bomb_bytes
-        detail, must_fail = f"inflates to {len(plain)} bytes", True
+    else:
+        return deflate_bomb(bomb_bytes)
     return Mutation(kind, detail, syntax, base.wire(plain), base.sop_class_uid, uid,
                     must_succeed=must_succeed, must_fail=must_fail, inflated_size=len(plain))
+
+
+def deflate_bomb(size: int = 16 * MIB) -> Mutation:
+    """A valid deflated dataset followed by ``size`` zero bytes: a few KiB on the wire."""
+    base = original(DeflatedExplicitVRLittleEndian)
+    plain = base.plain + b"\x00" * size
+    return Mutation("deflate_bomb", f"inflates to {len(plain)} bytes", base.transfer_syntax,
+                    base.wire(plain), base.sop_class_uid, base.sop_instance_uid,
+                    must_fail=True, inflated_size=len(plain))
 
 
 def check_scan(mutation: Mutation, *, max_inflated_bytes: int = MIB) -> str:
@@ -328,7 +340,8 @@ def check_scan(mutation: Mutation, *, max_inflated_bytes: int = MIB) -> str:
                                 max_inflated_bytes=max_inflated_bytes)
         except UndecodableDataset:
             keys = None
-        except Exception as exc:  # noqa: BLE001 - the property under test
+        except BaseException as exc:  # noqa: BLE001 - the property under test
+            pass_interrupts(exc)
             raise PropertyViolation(f"scan_dataset {mutation.label()}: "
                                     f"{type(exc).__name__}: {exc}") from exc
     if keys is None:
@@ -397,7 +410,8 @@ def check_store_handler(scp: Any, mutation: Mutation) -> int:
         raise PropertyViolation(f"spooled bytes differ from those received: {mutation.label()}")
     try:
         ds = dcmread(stored, stop_before_pixels=True)
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001
+        pass_interrupts(exc)
         raise PropertyViolation(f"stored {mutation.label()} but pydicom cannot read it: "
                                 f"{type(exc).__name__}: {exc}") from exc
     if str(ds.file_meta.MediaStorageSOPInstanceUID) != mutation.sop_instance_uid:
@@ -555,7 +569,8 @@ def check_header(elements: dict[int, tuple[str | None, bytes]]) -> str:
                 elements, study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4",
                 transfer_syntax_uid=ExplicitVRLittleEndian))
             headers.append(InstanceHeader.from_dataset(keys.header_dataset()))
-        except Exception as exc:  # noqa: BLE001 - the property under test
+        except BaseException as exc:  # noqa: BLE001 - the property under test
+            pass_interrupts(exc)
             raise PropertyViolation(f"InstanceHeader on {elements!r:.300}: "
                                     f"{type(exc).__name__}: {exc}") from exc
         data = _part10_header(_encode_explicit(elements))
@@ -563,13 +578,15 @@ def check_header(elements: dict[int, tuple[str | None, bytes]]) -> str:
             ds = read_header_bytes(data)
         except UnreadableHeader:
             outcome = "UnreadableHeader"
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001
+            pass_interrupts(exc)
             raise PropertyViolation(f"read_header_bytes on {elements!r:.300}: "
                                     f"{type(exc).__name__}: {exc}") from exc
         else:
             try:
                 headers.append(InstanceHeader.from_dataset(ds))
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
+                pass_interrupts(exc)
                 raise PropertyViolation(f"from_dataset on {elements!r:.300}: "
                                         f"{type(exc).__name__}: {exc}") from exc
     widths = {"patient_id": 64, "patient_name": 324, "accession_number": 64,
@@ -790,7 +807,8 @@ def check_volume(case: SeriesCase, paths: list[Path], *,
             result = load_volume(paths, min_slices=2, max_voxels=max_voxels)
         except VolumeError as exc:
             result = exc
-        except Exception as exc:  # noqa: BLE001 - the property under test
+        except BaseException as exc:  # noqa: BLE001 - the property under test
+            pass_interrupts(exc)
             raise PropertyViolation(f"load_volume {case.label()}: "
                                     f"{type(exc).__name__}: {exc}") from exc
     if peak_rss_mb() - rss_before > 256:

@@ -636,9 +636,12 @@ def _decode_frames(
             item = next(iterator)
         except StopIteration:
             return
-        except VolumeError:
+        except (VolumeError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:  # noqa: BLE001 - decoders raise anything from anywhere
+        except BaseException as exc:  # noqa: BLE001 - decoders raise anything from anywhere
+            # Including what is no Exception: pylibjpeg-rle, in Rust, panics on a corrupt
+            # run (one flipped bit in a segment) with pyo3's PanicException, a BaseException
+            # that passed the worker's ``except Exception`` and ended the task uncaught.
             raise VolumeError(
                 SeriesReason.UNDECODABLE_PIXEL_DATA,
                 f"SOP {inst.sop_instance_uid} ({inst.transfer_syntax.name}): "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from harness.fuzz import (
@@ -18,6 +18,7 @@ from harness.fuzz import (
     check_network_store,
     check_scan,
     check_store_handler,
+    deflate_bomb,
     mutations,
 )
 from service.dicom.runner import IngestNode
@@ -28,12 +29,14 @@ from .conftest import fuzz
 
 @fuzz(300)
 @given(mutations())
+@example(deflate_bomb())  # found: inflated whole before the bound
 def test_scan_dataset_keys_or_undecodable(mutation: Mutation) -> None:
     check_scan(mutation, max_inflated_bytes=MIB)
 
 
 @fuzz(200)
 @given(mutations())
+@example(deflate_bomb())
 def test_store_handler_answers_a_status_and_spools_only_successes(
         scp_in_process: StorageSCP, mutation: Mutation) -> None:
     check_store_handler(scp_in_process, mutation)

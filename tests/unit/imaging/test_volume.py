@@ -857,3 +857,15 @@ def test_multiframe_frame_declaring_a_huge_image_refused(series_dir: Path) -> No
     error = reason_of([path])
     assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
     assert "frame 8 declares 40000x40000" in error.detail
+
+
+def test_rle_decoder_panic_is_undecodable(series_dir: Path) -> None:
+    """Fuzzing (tests/fuzz): one flipped bit in an RLE segment made pylibjpeg-rle panic with
+    pyo3's PanicException, a BaseException, which escaped the loader and the worker's
+    ``except Exception``. The case is the fuzz harness's, as it found it."""
+    from harness.fuzz import SeriesCase, write_series_case
+
+    case = SeriesCase("frame_corrupt", RLELossless, (0,), (("flips", ((0.945, 1),)),))
+    error = reason_of(write_series_case(case, series_dir), min_slices=2)
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
+    assert "PanicException" in error.detail
