@@ -541,6 +541,10 @@ class Tracker:
         claim matched the same instance count, so they are the same instances)."""
         if headers is None:
             headers = self._read_headers(series_id)
+        # Claimed, so no longer RECEIVING: its cached headers are not needed again. Dropped
+        # now, not at the next tick, or a flood of series due at once (10 000 one-slice
+        # series) holds every header in memory until the tick ends.
+        self._header_cache.pop(series_id, None)
         uids = [sop for sop, _ in headers.instances]
         conflicting = len(uids) - len(set(uids))
         decision = evaluate(headers.datasets, self._rules, unreadable=headers.unreadable,
