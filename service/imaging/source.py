@@ -548,6 +548,12 @@ def check_encoded_frames(handle: Any, instance: SourceInstance, indices: list[in
                              extended_offsets=extended_offsets)
     for index, frame in enumerate(frames):
         if index in wanted:
+            if frame[:2] == b"\xff\xd8" and b"\xff\xd9" not in frame[-8:]:
+                # Cut short: CharLS spends seconds on a truncated JPEG-LS frame (7 s for
+                # half of a 512 x 512 one) before failing. Entropy-coded data cannot hold
+                # FFD9 (byte or bit stuffing), so a complete stream ends with it (and at
+                # most a pad byte or fill).
+                raise ValueError(f"frame {index + 1}: JPEG stream without its end marker")
             declared = encoded_frame_size(frame)
             if declared is not None and declared != expected:
                 raise ValueError(

@@ -694,6 +694,9 @@ def _unsupported_pixels(inst: SourceInstance) -> str | None:
         return f"{inst.bits_allocated} bits allocated"
     if not inst.rows or not inst.columns:
         return "no Rows/Columns"
+    if inst.rows < 0 or inst.columns < 0:
+        # Possible with a wrong VR (IS/LO "-1" where US belongs): np.empty would raise.
+        return f"Rows/Columns {inst.rows}x{inst.columns}"
     return None
 
 

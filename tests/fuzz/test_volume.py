@@ -26,6 +26,9 @@ from .conftest import fuzz
                     must_refuse=True, reasons=frozenset({"UNDECODABLE_PIXEL_DATA"})))
 @example(SeriesCase("frame_bomb", JPEGLSLossless, (2,), (("size", 65535),),
                     must_refuse=True, reasons=frozenset({"UNDECODABLE_PIXEL_DATA"})))
+@example(SeriesCase("wrong_vr", JPEG2000Lossless, (0, 1, 2, 3),
+                    (("tag", "Columns"), ("value", "-1"))))
+@example(SeriesCase("frame_truncate", JPEGLSLossless, (1,), (("keep_fraction", 0.8053),)))
 @example(SeriesCase("huge_matrix", RLELossless, (0, 1, 2, 3),
                     (("rows", 65535), ("columns", 65535)), must_refuse=True,
                     reasons=frozenset({"VOLUME_TOO_LARGE"})))

@@ -869,3 +869,33 @@ def test_rle_decoder_panic_is_undecodable(series_dir: Path) -> None:
     error = reason_of(write_series_case(case, series_dir), min_slices=2)
     assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
     assert "PanicException" in error.detail
+
+
+def test_negative_rows_from_a_wrong_vr_is_unsupported(series_dir: Path) -> None:
+    """Fuzzing (bench.fuzz): Rows written as LO "-1" reached np.empty (ValueError)."""
+    def negative(k: int, ds: Dataset) -> None:
+        del ds.Rows
+        ds.add_new(0x00280010, "LO", "-1")
+
+    error = reason_of(write_series(series_dir, SeriesSpec(), mutate=negative))
+    assert error.reason is SeriesReason.UNSUPPORTED_PIXEL_FORMAT
+    assert "-1x40" in error.detail
+
+
+def test_truncated_jpeg_ls_frame_refused_before_decoding(series_dir: Path) -> None:
+    """Fuzzing (bench.fuzz): CharLS spent seconds (6 s for a 32 x 40 frame cut short, 7 s for
+    a 512 x 512 one) on a JPEG-LS frame without its end marker before failing."""
+    import time
+
+    from pydicom.encaps import encapsulate, generate_frames
+
+    paths = write_series(series_dir, SeriesSpec(transfer_syntax=JPEGLSLossless))
+    ds = pydicom.dcmread(paths[4])
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:len(frame) * 4 // 5]])
+    ds.save_as(paths[4], enforce_file_format=True)
+    started = time.perf_counter()
+    error = reason_of(paths)
+    assert error.reason is SeriesReason.UNDECODABLE_PIXEL_DATA
+    assert "without its end marker" in error.detail
+    assert time.perf_counter() - started < 2
