@@ -17,6 +17,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.sequence import Sequence
 from pydicom.valuerep import DA, DT, TM
 
 logger = logging.getLogger(__name__)
@@ -54,14 +55,15 @@ def text(ds: Dataset, keyword: str, width: int | None = None) -> str | None:
     """A string attribute, stripped, ``None`` when absent or empty; multi-values joined by \\."""
     try:
         value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - malformed optional attribute
+        if value is None or value == "" or isinstance(value, Sequence):
+            # A string attribute sent as SQ parses, lazily, into whatever its bytes say.
+            return None
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            result = "\\".join(str(v) for v in value)
+        else:
+            result = str(value)
+    except Exception:  # noqa: BLE001 - malformed optional attribute (conversion is lazy)
         return None
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        result = "\\".join(str(v) for v in value)
-    else:
-        result = str(value)
     result = result.strip().replace("\x00", "")
     if not result:
         return None
@@ -124,11 +126,13 @@ def _combine(day: str | None, clock: str | None, tz: timezone | None) -> datetim
     try:
         parsed_day: date = DA(day)
         parsed_time: time = TM(clock) if clock else time(0, 0)
+        if parsed_day is None:
+            return None
+        # Inside the try: DA accepts some non-dates (bytes that decode to digits of a year
+        # beyond 9999) that only datetime.combine refuses.
+        moment = datetime.combine(parsed_day, parsed_time or time(0, 0))
     except (ValueError, TypeError, OverflowError):
         return None
-    if parsed_day is None:
-        return None
-    moment = datetime.combine(parsed_day, parsed_time or time(0, 0))
     return _aware(moment, tz)
 
 

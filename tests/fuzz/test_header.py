@@ -16,6 +16,8 @@ from .conftest import fuzz
 @given(header_elements())
 # What the fuzzing found, tried first on every run.
 @example({0x00080005: ("UL", b"ISO_IR 100")})
+@example({0x00080023: ("DA", b"20240101"), 0x00080033: ("SQ", b"A" * 64)})
+@example({0x00080020: ("DA", b"\xd5\xe8\n/"), 0x00080201: ("SH", b"A" * 64)})
 @example({0x00080020: ("DA", b"00010101")})
 @example({0x00080020: ("DA", b"00010101"), 0x00080201: ("SH", b"+1400")})
 @example({0x00080020: ("DA", b"20240101"), 0x00080201: ("SH", b"+9999")})

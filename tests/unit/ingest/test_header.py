@@ -89,3 +89,16 @@ def test_wrong_vr_on_the_character_set_is_an_unreadable_header(tmp_path: Path) -
     path.write_bytes(data)
     with pytest.raises(UnreadableHeader):
         read_header(path)
+
+
+def test_string_attribute_sent_as_a_sequence_and_a_date_that_is_no_date() -> None:
+    """Fuzzing (bench.fuzz): Content Time with VR SQ parsed lazily into an unknown VR and
+    raised out of ``text`` (``NotImplementedError``); a Study Date of non-ASCII bytes passed
+    ``DA`` and made ``datetime.combine`` raise (year 54760). Both out of ``per_instance``."""
+    for elements in (
+        {0x00080023: ("DA", b"20240101"), 0x00080033: ("SQ", b"A" * 64)},
+        {0x00080020: ("DA", b"\xd5\xe8\n/"), 0x00080201: ("SH", b"A" * 64)},
+    ):
+        header = InstanceHeader.per_instance(elements, study_uid="1.2", series_uid="1.2.3",
+                                             sop_uid="1.2.3.4", transfer_syntax_uid=None)
+        assert header.acquired_at is None or header.acquired_at.tzinfo is not None
