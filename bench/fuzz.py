@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{row['surface']}: {row['crashes']} crash(es), e.g.")
         for example in row["crash_examples"]:
             print(f"  {example}")
-    print(f"\ncrashes: {sum(1 for r in rows if r['crashes'])} surface(s) with crashes "
+    crashes = sum(r["crashes"] if isinstance(r["crashes"], int) else 1 for r in rows)
+    # One line with "->" for bench.run_all's summary table.
+    print(f"\nhostile inputs: {sum(r['inputs'] for r in rows)} tried -> {crashes} crash(es) "
           f"(must be 0); workdir {workdir}")
     return 1 if failed else 0
 
